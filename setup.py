@@ -1,0 +1,30 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="ship-peft",
+    version="0.1.0",
+    description="SHIP (Semantic Hierarchical Prompt tuning, ICASSP 2025) for Vision Transformers as a Hugging Face PEFT method",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["ship_peft", "ship_peft.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.0",
+        "datasets>=4.0",
+        "safetensors>=0.4",
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest>=8", "scikit-learn>=1.4", "hypothesis>=6"]},
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,31 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""ship-peft: SHIP (Semantic Hierarchical Prompt tuning, ICASSP 2025) as a Hugging Face PEFT method.
+
+``import ship_peft`` registers SHIP with PEFT, so ``peft.get_peft_model``, ``PeftModel.from_pretrained`` and
+``PeftConfig.from_pretrained`` handle SHIP adapters.
+"""
+
+from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
+from .config import ShipConfig
+from .layer import ShipBackboneOutput, ShipLayer, ShipPrompts
+from .model import ShipModel, get_ship_layer
+from .registration import ShipPeftType, register
+
+__version__ = "0.1.0"
+
+register()
+
+__all__ = [
+    "CalibrationResult",
+    "ShipBackboneOutput",
+    "ShipConfig",
+    "ShipLayer",
+    "ShipModel",
+    "ShipPeftType",
+    "ShipPrompts",
+    "get_ship_layer",
+    "initialize_ship_weights",
+    "kmeans",
+    "layer_affinity",
+    "semantic_levels",
+]

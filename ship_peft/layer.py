@@ -1,0 +1,380 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""SHIP's forward pass on a transformers ViT backbone (SHIP_METHOD.md §4-§5, see ``docs/method.md``).
+
+:class:`ShipPrompts` holds one adapter's tensors; :class:`ShipLayer` is the PEFT tuner layer that wraps a
+``ViTModel`` and runs its embeddings, layers and final LayerNorm with prompt tokens appended after the image tokens.
+The pre-trained weights are used as they are and never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import ViTLayer, ViTModel, eager_attention_forward
+
+from .config import ShipConfig
+from .registration import SHIP_PREFIX
+
+#: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
+COSINE_EPS = 1e-8
+
+
+@dataclass
+class ShipBackboneOutput(BaseModelOutputWithPooling):
+    """``ViTModel`` output plus SHIP's prompt matching loss (set in training mode when its weight is > 0).
+
+    ``last_hidden_state`` holds the image tokens only (the prompt tokens are dropped after the last layer), so it has
+    the backbone's usual shape.
+    """
+
+    matching_loss: Optional[torch.Tensor] = None
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a [B, n, D]`` with every row of ``b [.., m, D]`` -> ``[B, n, m]``.
+
+    Zero vectors give 0, never NaN.
+    """
+    return F.normalize(a, dim=-1, eps=COSINE_EPS) @ F.normalize(b, dim=-1, eps=COSINE_EPS).transpose(-1, -2)
+
+
+def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows of ``tokens [B, N, D]`` with the highest ``scores [B, N]``, best first -> ``[B, k, D]``."""
+    index = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def prompt_matching_loss(prompt_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """SHIP_METHOD.md §5: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
+    return (1.0 - _cosine(prompt_tokens, image_tokens)).amin(dim=-1).mean()
+
+
+class ShipPrompts(nn.Module):
+    """The tensors of one SHIP adapter, for a backbone of ``hidden_size`` and the levels in ``config``.
+
+    * ``semantic_prompts[g]`` ``[K, D]``: semantic-independent prompts of level ``g`` (starting at
+      ``prompt_layers[g]``);
+    * ``shared_prompts`` ``[S, D]``: semantic-shared prompts, re-inserted at every layer (None when S = 0);
+    * ``attribute_prompts`` ``[A_lv, A, D]``: one set per attribute layer (None without attribute layers);
+    * ``prototypes`` ``[M, D]`` (buffer, saved, not trained): the k-means prototypes found by calibration.
+    """
+
+    def __init__(self, config: ShipConfig, hidden_size: int):
+        super().__init__()
+        self.prompt_layers: tuple[int, ...] = tuple(config.prompt_layers)
+        self.attribute_layers: tuple[int, ...] = tuple(config.attribute_layers())
+        self.decoupled_attention = config.decoupled_attention
+        self.prompt_attention_weight = config.prompt_attention_weight
+        self.attribute_mix = config.attribute_mix
+        self.matching_loss_weight = config.matching_loss_weight
+        self.matching_top_k = config.matching_top_k
+        self.num_attribute_prompts = config.num_attribute_prompts
+        self.num_shared_prompts = config.num_shared_prompts
+
+        self.semantic_prompts = nn.ParameterList(
+            [self._xavier(config.num_prompts, hidden_size) for _ in self.prompt_layers]
+        )
+        self.shared_prompts = (
+            self._kaiming(config.num_shared_prompts, hidden_size) if config.num_shared_prompts else None
+        )
+        self.attribute_prompts = (
+            self._kaiming(len(self.attribute_layers), config.num_attribute_prompts, hidden_size)
+            if self.attribute_layers
+            else None
+        )
+        prototypes = torch.zeros(config.num_prototypes, hidden_size) if self.attribute_layers else None
+        self.register_buffer("prototypes", prototypes, persistent=True)
+
+    @staticmethod
+    def _xavier(num_tokens: int, hidden_size: int) -> nn.Parameter:
+        # The reference draws xavier-uniform on a [1, K, D] tensor (fan_in = K*D, fan_out = D).
+        weight = torch.empty(1, num_tokens, hidden_size)
+        nn.init.xavier_uniform_(weight)
+        return nn.Parameter(weight[0])
+
+    @staticmethod
+    def _kaiming(*shape: int) -> nn.Parameter:
+        weight = torch.empty(*shape)
+        nn.init.kaiming_uniform_(weight, a=0)
+        return nn.Parameter(weight)
+
+    def level_of(self, layer_index: int) -> Optional[int]:
+        """Index of the level that starts at ``layer_index``, or None if no level starts there."""
+        return self.prompt_layers.index(layer_index) if layer_index in self.prompt_layers else None
+
+    def attribute_prompts_for(self, layer_index: int, top_tokens: torch.Tensor) -> torch.Tensor:
+        """SHIP_METHOD.md §4: ``beta * softmax(cos(X, prototypes)) @ prototypes + (1 - beta) * AP[k]``.
+
+        ``top_tokens`` ``[B, A, D]`` are the previous layer's output tokens with the highest CLS scores, best first.
+        """
+        prototypes = self.prototypes.to(top_tokens.dtype)
+        pattern = _cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes
+        attribute = self.attribute_prompts[self.attribute_layers.index(layer_index)].to(top_tokens.dtype)
+        return self.attribute_mix * pattern + (1.0 - self.attribute_mix) * attribute
+
+    def layer_prompts(
+        self,
+        layer_index: int,
+        carried: Optional[torch.Tensor],
+        top_tokens: Optional[torch.Tensor],
+        batch_size: int,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The prompt tokens entering layer ``layer_index`` (SHIP_METHOD.md §4), ``[B, P, D]``.
+
+        ``carried`` is the previous layer's prompt output; ``top_tokens`` its top-A image output tokens (needed only
+        when this layer is an attribute layer).
+        """
+        level = self.level_of(layer_index)
+        if level is None:
+            num_shared = self.num_shared_prompts
+            parts = [carried[:, : carried.shape[1] - num_shared]]
+        else:
+            parts = [self.semantic_prompts[level].to(dtype).expand(batch_size, -1, -1)]
+            if layer_index in self.attribute_layers:
+                parts.append(self.attribute_prompts_for(layer_index, top_tokens))
+        if self.shared_prompts is not None:
+            parts.append(self.shared_prompts.to(dtype).expand(batch_size, -1, -1))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, n, H*d]`` -> ``[B, H, n, d]`` (the layout of transformers' attention functions)."""
+    return states.view(*states.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+def _merge_heads(attention_output: torch.Tensor) -> torch.Tensor:
+    """``[B, n, H, d]`` (what transformers' attention functions return) -> ``[B, n, H*d]``."""
+    return attention_output.reshape(*attention_output.shape[:2], -1)
+
+
+def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Pre-softmax attention scores of the CLS query over ``key``, averaged over heads: ``[B, H, N, d]`` -> ``[B, N]``.
+
+    Only the CLS row is computed (``[B, H, 1, N]``), never the ``N x N`` matrix.
+    """
+    return (query[:, :, :1] @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
+
+
+class ShipLayer(nn.Module, BaseTunerLayer):
+    """PEFT tuner layer that runs a transformers ``ViTModel`` with SHIP prompts.
+
+    With adapters disabled (``PeftModel.disable_adapter()``) it is the plain backbone. Attention goes through
+    transformers' attention function of the backbone's ``attn_implementation`` (sdpa, eager, ...).
+    """
+
+    adapter_layer_names = (SHIP_PREFIX,)
+
+    def __init__(self, base_layer: ViTModel, adapter_name: str, config: ShipConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        self.ship_prompts = nn.ModuleDict({})
+        self._configs: dict[str, ShipConfig] = {}
+        self._checked_prototypes: set[str] = set()
+        self.layer_affinity: Optional[torch.Tensor] = None
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, config)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.base_layer.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base_layer.config.hidden_size
+
+    def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
+        """(Re)build adapter ``adapter_name`` for ``config``; without ``prompt_layers`` it waits for calibration."""
+        self._configs[adapter_name] = config
+        self._checked_prototypes.discard(adapter_name)
+        if config.prompt_layers is None:
+            return
+        prompts = ShipPrompts(config, self.hidden_size)
+        parameter = next(self.base_layer.parameters())
+        self.ship_prompts[adapter_name] = prompts.to(parameter.device)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _prompts_for_forward(self) -> ShipPrompts:
+        if len(self.active_adapters) != 1:
+            raise ValueError(
+                f"SHIP runs one adapter at a time, but {self.active_adapters} are active; call "
+                f"`model.set_adapter(name)` with one name."
+            )
+        name = self.active_adapters[0]
+        if name not in self.ship_prompts:
+            raise RuntimeError(
+                f"SHIP adapter {name!r} has no semantic levels yet (`prompt_layers` is None). Call "
+                f"`ship_peft.initialize_ship_weights(model, dataloader)` on your training data first, or give "
+                f"`ShipConfig(prompt_layers=[0, ...])`."
+            )
+        prompts = self.ship_prompts[name]
+        if prompts.prototypes is not None and name not in self._checked_prototypes:
+            if not torch.any(prompts.prototypes != 0):
+                raise RuntimeError(
+                    f"SHIP adapter {name!r} has attribute prompts but no prototypes. Call "
+                    f"`ship_peft.initialize_ship_weights(model, dataloader)` on your training data first (or set "
+                    f"`num_attribute_layers=0`)."
+                )
+            self._checked_prototypes.add(name)
+        return prompts
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: Optional[torch.BoolTensor] = None,
+        interpolate_pos_encoding: Optional[bool] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        **kwargs: Any,
+    ):
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(
+                pixel_values,
+                bool_masked_pos=bool_masked_pos,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                attention_mask=attention_mask,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
+        if kwargs.get("output_attentions"):
+            raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")
+        prompts = self._prompts_for_forward()
+        vit = self.base_layer
+        pixel_values = pixel_values.to(vit.embeddings.patch_embeddings.projection.weight.dtype)
+        image_tokens = vit.embeddings(
+            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
+        )
+        image_tokens, matching_loss, hidden_states = self._encode(image_tokens, prompts, bool(output_hidden_states))
+        sequence_output = vit.layernorm(image_tokens)
+        pooled_output = vit.pooler(sequence_output) if vit.pooler is not None else None
+        return ShipBackboneOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=hidden_states,
+            matching_loss=matching_loss,
+        )
+
+    def _encode(
+        self, image_tokens: torch.Tensor, prompts: ShipPrompts, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
+        """Run every layer with its prompts; returns the last layer's image tokens, the matching loss and (if asked)
+        the image tokens entering every layer plus the last output, as transformers' ``hidden_states``."""
+        batch_size, num_image_tokens, _ = image_tokens.shape
+        last = self.num_layers - 1
+        want_matching = self.training and prompts.matching_loss_weight > 0
+        hidden_states = (image_tokens,) if output_hidden_states else None
+        carried, top_tokens, matching_loss = None, None, None
+        for index, layer in enumerate(self.base_layer.layers):
+            prompt_tokens = prompts.layer_prompts(index, carried, top_tokens, batch_size, image_tokens.dtype)
+            need_scores = (index + 1) in prompts.attribute_layers or (index == last and want_matching)
+            step = partial(
+                self._layer_forward,
+                layer,
+                num_image_tokens=num_image_tokens,
+                prompts=prompts,
+                prompt_attention=(index == last),
+                need_scores=need_scores,
+            )
+            if layer.gradient_checkpointing and self.training:
+                tokens, scores = layer._gradient_checkpointing_func(step, torch.cat([image_tokens, prompt_tokens], 1))
+            else:
+                tokens, scores = step(torch.cat([image_tokens, prompt_tokens], 1))
+            image_tokens, carried = tokens[:, :num_image_tokens], tokens[:, num_image_tokens:]
+            if (index + 1) in prompts.attribute_layers:
+                top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
+            if hidden_states is not None:
+                hidden_states += (image_tokens,)
+        if want_matching:
+            matching_loss = prompt_matching_loss(carried, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
+        return image_tokens, matching_loss, hidden_states
+
+    def _layer_forward(
+        self,
+        layer: ViTLayer,
+        tokens: torch.Tensor,
+        *,
+        num_image_tokens: int,
+        prompts: ShipPrompts,
+        prompt_attention: bool,
+        need_scores: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """One pre-norm ViT layer on ``[image ; prompt]`` tokens with SHIP's attention (SHIP_METHOD.md §4).
+
+        Returns the layer output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
+        """
+        attention = layer.attention
+        normed = layer.layernorm_before(tokens)
+        attended, scores = self._attention(attention, normed, num_image_tokens, prompts, prompt_attention, need_scores)
+        tokens = tokens + layer.dropout(attention.o_proj(attended))
+        tokens = tokens + layer.dropout(layer.mlp(layer.layernorm_after(tokens)))
+        return tokens, scores
+
+    def _attention(
+        self,
+        attention: nn.Module,
+        normed: torch.Tensor,
+        num_image_tokens: int,
+        prompts: ShipPrompts,
+        prompt_attention: bool,
+        need_scores: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Attention output (before ``o_proj``) for every token, ``[B, N+P, H*d]``, and the CLS scores if asked."""
+        head_dim = attention.head_dim
+        attend = self._attend_function(attention)
+        queries_all = prompt_attention or not prompts.decoupled_attention
+        query = _split_heads(attention.q_proj(normed if queries_all else normed[:, :num_image_tokens]), head_dim)
+        key = _split_heads(attention.k_proj(normed), head_dim)
+        value = _split_heads(attention.v_proj(normed), head_dim)
+        image_query = query[:, :, :num_image_tokens]
+        image_key, prompt_key = key[:, :, :num_image_tokens], key[:, :, num_image_tokens:]
+        image_value, prompt_value = value[:, :, :num_image_tokens], value[:, :, num_image_tokens:]
+        scores = cls_scores(image_query, image_key, attention.scaling) if need_scores else None
+
+        if not prompts.decoupled_attention:
+            return _merge_heads(attend(query, key, value)), scores
+
+        weight = prompts.prompt_attention_weight
+        image_output = (1.0 - weight) * attend(image_query, image_key, image_value) + weight * attend(
+            image_query, prompt_key, prompt_value
+        )
+        if prompt_attention:
+            prompt_output = _merge_heads(attend(query[:, :, num_image_tokens:], key, value))
+        else:
+            prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
+        return torch.cat([_merge_heads(image_output), prompt_output], dim=1), scores
+
+    def _attend_function(self, attention: nn.Module) -> Callable[..., torch.Tensor]:
+        """``softmax(q k^T * scale) v`` through transformers' attention function of the backbone's
+        ``attn_implementation``, with the backbone's attention dropout; returns ``[B, n, H, d]``."""
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.base_layer.config._attn_implementation, eager_attention_forward
+        )
+        dropout = attention.attention_dropout if self.training else 0.0
+
+        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+            output, _ = interface(attention, query, key, value, None, dropout=dropout, scaling=attention.scaling)
+            return output
+
+        return attend
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "SHIP's prompts are extra tokens, not weight deltas: they cannot be merged into the backbone. Keep the "
+            "adapter loaded (PeftModel) for inference."
+        )
+
+    def unmerge(self) -> None:
+        raise NotImplementedError("SHIP adapters are never merged, so there is nothing to unmerge.")
+
+    def __repr__(self) -> str:
+        return "ship." + super().__repr__()
+

@@ -1,0 +1,138 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The PEFT tuner of SHIP: finds the ViT backbone, wraps it, and adds the matching loss to the model's loss."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from peft.config import PeftConfig
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+from transformers.models.vit.modeling_vit import ViTModel
+
+from .config import ShipConfig, check_prompt_layers
+from .layer import ShipLayer
+from .registration import SHIP_PREFIX
+
+SUPPORTED_BACKBONES = ("transformers ViTForImageClassification (any model holding a ViTModel as a submodule)",)
+
+
+def find_backbone_name(model: nn.Module) -> str:
+    """Name of the one ``ViTModel`` inside ``model``, or a clear error naming what is supported."""
+    names = [name for name, module in model.named_modules() if isinstance(module, (ViTModel, ShipLayer))]
+    names = [name for name in names if not name.endswith(".base_layer")]
+    if not names or names == [""]:
+        hint = (
+            " A bare ViTModel cannot be wrapped by PEFT (it is the root); for features use "
+            "`ViTForImageClassification.from_pretrained(name, num_labels=0)`, whose logits are the CLS features."
+            if names == [""]
+            else ""
+        )
+        raise TypeError(
+            f"SHIP does not support {type(model).__name__}. Supported backbones: {', '.join(SUPPORTED_BACKBONES)}."
+            + hint
+        )
+    if len(names) > 1:
+        raise TypeError(
+            f"{type(model).__name__} holds several ViT backbones ({names}); choose one with "
+            f"`ShipConfig(target_modules=[name])`."
+        )
+    return names[0]
+
+
+def get_ship_layer(model: nn.Module) -> ShipLayer:
+    """The :class:`ShipLayer` of a PEFT model (or of the model inside it)."""
+    for module in model.modules():
+        if isinstance(module, ShipLayer):
+            return module
+    raise TypeError(f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`.")
+
+
+class ShipModel(BaseTuner):
+    """Creates a SHIP model (Semantic Hierarchical Prompt tuning, Zhu et al., ICASSP 2025) from a transformers ViT.
+
+    Use it through PEFT: ``peft.get_peft_model(vit, ShipConfig(...))`` after ``import ship_peft``. In training mode,
+    when ``labels`` are passed, ``matching_loss_weight * matching_loss`` is added to ``outputs.loss``; the output
+    also carries ``matching_loss`` and ``classification_loss`` for logging.
+    """
+
+    prefix: str = SHIP_PREFIX
+    tuner_layer_cls = ShipLayer
+
+    def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
+        return peft_config  # the backbone is found from the model itself in `_prepare_model`
+
+    def _prepare_model(self, peft_config: ShipConfig, model: nn.Module) -> None:
+        if peft_config.target_modules is None:
+            peft_config.target_modules = [find_backbone_name(model)]
+        backbone = model.get_submodule(peft_config.target_modules[0])
+        if isinstance(backbone, ShipLayer):
+            backbone = backbone.base_layer
+        if peft_config.prompt_layers is not None:
+            check_prompt_layers(peft_config.prompt_layers, num_layers=len(backbone.layers))
+
+    def _create_and_replace(
+        self,
+        peft_config: ShipConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+    ) -> None:
+        if isinstance(target, ShipLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        if not isinstance(target, ViTModel):
+            raise TypeError(
+                f"ShipConfig.target_modules matched {current_key!r}, a {type(target).__name__}; SHIP wraps a "
+                f"transformers ViTModel. Supported backbones: {', '.join(SUPPORTED_BACKBONES)}."
+            )
+        new_module = ShipLayer(target, adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        for name, parameter in model.named_parameters():
+            if self.prefix not in name:
+                parameter.requires_grad = False
+
+    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        if merge:
+            get_ship_layer(self.model).merge()
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, ShipLayer):
+                parent = self.model.get_submodule(name.rpartition(".")[0])
+                setattr(parent, name.rpartition(".")[2], module.base_layer)
+        return self.model
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        pass  # prompts stay in the dtype they were created in (float32), as PEFT does for float16/bfloat16 bases
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """For one ``PeftModel`` call: add the backbone's matching loss to the model's loss (SHIP_METHOD.md §5)."""
+        layer = get_ship_layer(self.model)
+        captured: dict[str, Any] = {}
+
+        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
+            captured["matching_loss"] = getattr(output, "matching_loss", None)
+
+        def add_matching_loss(module: nn.Module, inputs: Any, output: Any) -> Any:
+            matching_loss = captured.get("matching_loss")
+            if matching_loss is None or getattr(output, "loss", None) is None:
+                return output
+            weight = self.peft_config[self.active_adapters[0]].matching_loss_weight
+            output["classification_loss"] = output.loss
+            output["matching_loss"] = matching_loss
+            output["loss"] = output.loss + weight * matching_loss
+            return output
+
+        handles = [layer.register_forward_hook(capture), self.model.register_forward_hook(add_matching_loss)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
