@@ -284,7 +284,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 prompt_attention=(index == last),
                 need_scores=need_scores,
             )
-            if layer.gradient_checkpointing and self.training:
+            if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens, scores = layer._gradient_checkpointing_func(step, torch.cat([image_tokens, prompt_tokens], 1))
             else:
                 tokens, scores = step(torch.cat([image_tokens, prompt_tokens], 1))

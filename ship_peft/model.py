@@ -108,6 +108,11 @@ class ShipModel(BaseTuner):
                 setattr(parent, name.rpartition(".")[2], module.base_layer)
         return self.model
 
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        # ``...vit.ship_prompts.<adapter>.shared_prompts`` -> ``...vit.ship_prompts.shared_prompts`` (and back on load)
+        return key.replace(f"{SHIP_PREFIX}.{adapter_name}.", f"{SHIP_PREFIX}.", 1)
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # prompts stay in the dtype they were created in (float32), as PEFT does for float16/bfloat16 bases
 
