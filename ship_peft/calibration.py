@@ -165,6 +165,15 @@ def _pixel_batches(data: Union[DataLoader, Iterable, Any], batch_size: int) -> I
             )
 
 
+def _num_images(data: Any) -> Optional[int]:
+    """Number of images in a dataset or a DataLoader over one, if known."""
+    dataset = getattr(data, "dataset", data)
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
 @torch.no_grad()
 def collect_cls_features(
     model: nn.Module,
@@ -184,7 +193,8 @@ def collect_cls_features(
     backbone.eval()
     features: list[torch.Tensor] = []
     count = 0
-    progress = tqdm(total=max_samples, desc="SHIP calibration", unit="img", disable=not show_progress)
+    total = min(max_samples, _num_images(data) or max_samples)
+    progress = tqdm(total=total, desc="SHIP calibration", unit="img", disable=not show_progress)
     try:
         for pixel_values in _pixel_batches(data, batch_size):
             pixel_values = pixel_values[: max_samples - count].to(device)
