@@ -147,7 +147,7 @@ def test_trainer_trains_prompts_and_head_only(tmp_path):
     data = Dataset.from_dict({"pixel_values": pixels(16, seed=7).numpy(), "labels": [i % 3 for i in range(16)]})
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
-        remove_unused_columns=False, report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
+        report_to=[], save_strategy="no", use_cpu=True, logging_steps=1,
     )
     trainer = Trainer(model=model, args=args, train_dataset=data.with_format("torch"))
     trainer.train()
