@@ -127,22 +127,30 @@ class ShipPrompts(nn.Module):
         top_tokens: Optional[torch.Tensor],
         batch_size: int,
         dtype: torch.dtype,
-    ) -> torch.Tensor:
+        static: bool = True,
+        dynamic: bool = True,
+    ) -> Optional[torch.Tensor]:
         """The prompt tokens entering layer ``layer_index`` (SHIP_METHOD.md §4), ``[B, P, D]``.
 
         ``carried`` is the previous layer's prompt output; ``top_tokens`` its top-A image output tokens (needed only
-        when this layer is an attribute layer).
+        when this layer is an attribute layer). ``static`` selects the input-independent tokens (semantic and shared
+        prompts), ``dynamic`` the attribute prompts; the prompt cache runs them separately (None if there are none).
         """
-        level = self.level_of(layer_index)
-        if level is None:
-            num_shared = self.num_shared_prompts
-            parts = [carried[:, : carried.shape[1] - num_shared]]
+        parts = []
+        if self.level_of(layer_index) is None:
+            num_shared = self.num_shared_prompts if static else 0
+            if carried is not None:
+                parts.append(carried[:, : carried.shape[1] - num_shared])
         else:
-            parts = [self.semantic_prompts[level].to(dtype).expand(batch_size, -1, -1)]
-            if layer_index in self.attribute_layers:
+            if static:
+                parts.append(self.semantic_prompts[self.level_of(layer_index)].to(dtype).expand(batch_size, -1, -1))
+            if dynamic and layer_index in self.attribute_layers:
                 parts.append(self.attribute_prompts_for(layer_index, top_tokens))
-        if self.shared_prompts is not None:
+        if static and self.shared_prompts is not None:
             parts.append(self.shared_prompts.to(dtype).expand(batch_size, -1, -1))
+        parts = [part for part in parts if part.shape[1]]
+        if not parts:
+            return None
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
@@ -154,6 +162,12 @@ def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
 def _merge_heads(attention_output: torch.Tensor) -> torch.Tensor:
     """``[B, n, H, d]`` (what transformers' attention functions return) -> ``[B, n, H*d]``."""
     return attention_output.reshape(*attention_output.shape[:2], -1)
+
+
+def _residual_update(layer: ViTLayer, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+    """The rest of a pre-norm ViT layer after attention: ``y = x + Wo a``, ``out = y + MLP(LN2(y))``."""
+    tokens = tokens + layer.dropout(layer.attention.o_proj(attended))
+    return tokens + layer.dropout(layer.mlp(layer.layernorm_after(tokens)))
 
 
 def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -180,6 +194,8 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self._configs: dict[str, ShipConfig] = {}
         self._checked_prototypes: set[str] = set()
         self.layer_affinity: Optional[torch.Tensor] = None
+        self.use_prompt_cache = False
+        self._prompt_cache: Optional[tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]]] = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config)
@@ -253,7 +269,10 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         image_tokens = vit.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
         )
-        image_tokens, matching_loss, hidden_states = self._encode(image_tokens, prompts, bool(output_hidden_states))
+        static_states = self._static_states(prompts, image_tokens) if self._cache_applies(prompts) else None
+        image_tokens, matching_loss, hidden_states = self._encode(
+            image_tokens, prompts, bool(output_hidden_states), static_states
+        )
         sequence_output = vit.layernorm(image_tokens)
         pooled_output = vit.pooler(sequence_output) if vit.pooler is not None else None
         return ShipBackboneOutput(
@@ -263,31 +282,81 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             matching_loss=matching_loss,
         )
 
+    def _cache_applies(self, prompts: ShipPrompts) -> bool:
+        return self.use_prompt_cache and not self.training and prompts.decoupled_attention
+
+    def _static_states(
+        self, prompts: ShipPrompts, image_tokens: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of the semantic and shared prompts entering every layer (SHIP_METHOD.md §6), cached.
+
+        With decoupled attention these tokens never attend to the image (they bypass attention in every layer but
+        the last, whose prompt outputs do not reach the logits), so they are the same for every input. The cache is
+        rebuilt whenever a prompt or backbone tensor, the dtype, the device or autocast changes.
+        """
+        tensors = [*prompts.parameters(), *self.base_layer.parameters()]
+        key = (
+            id(prompts),
+            image_tokens.dtype,
+            image_tokens.device,
+            torch.is_autocast_enabled(image_tokens.device.type),
+            tuple((tensor.data_ptr(), tensor._version) for tensor in tensors),
+        )
+        if self._prompt_cache is None or self._prompt_cache[0] != key:
+            with torch.no_grad():
+                self._prompt_cache = (key, self._run_static_prompts(prompts, image_tokens.dtype))
+        return self._prompt_cache[1]
+
+    def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        states, carried = [], None
+        for index, layer in enumerate(self.base_layer.layers):
+            tokens = prompts.layer_prompts(index, carried, None, 1, dtype, dynamic=False)
+            normed = layer.layernorm_before(tokens)
+            head_dim = layer.attention.head_dim
+            key = _split_heads(layer.attention.k_proj(normed), head_dim)
+            value = _split_heads(layer.attention.v_proj(normed), head_dim)
+            states.append((key, value))
+            carried = _residual_update(layer, tokens, normed)  # prompts bypass attention: a_p = LN1(p)
+        return states
+
     def _encode(
-        self, image_tokens: torch.Tensor, prompts: ShipPrompts, output_hidden_states: bool
+        self,
+        image_tokens: torch.Tensor,
+        prompts: ShipPrompts,
+        output_hidden_states: bool,
+        static_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
         """Run every layer with its prompts; returns the last layer's image tokens, the matching loss and (if asked)
-        the image tokens entering every layer plus the last output, as transformers' ``hidden_states``."""
+        the image tokens entering every layer plus the last output, as transformers' ``hidden_states``.
+
+        With ``static_states`` (the prompt cache, eval only) the semantic and shared prompts are not run: their keys
+        and values per layer are given, and only the attribute prompts travel with the image tokens.
+        """
         batch_size, num_image_tokens, _ = image_tokens.shape
         last = self.num_layers - 1
+        cached = static_states is not None
         want_matching = self.training and prompts.matching_loss_weight > 0
         hidden_states = (image_tokens,) if output_hidden_states else None
         carried, top_tokens, matching_loss = None, None, None
         for index, layer in enumerate(self.base_layer.layers):
-            prompt_tokens = prompts.layer_prompts(index, carried, top_tokens, batch_size, image_tokens.dtype)
+            prompt_tokens = prompts.layer_prompts(
+                index, carried, top_tokens, batch_size, image_tokens.dtype, static=not cached
+            )
+            tokens = image_tokens if prompt_tokens is None else torch.cat([image_tokens, prompt_tokens], dim=1)
             need_scores = (index + 1) in prompts.attribute_layers or (index == last and want_matching)
             step = partial(
                 self._layer_forward,
                 layer,
                 num_image_tokens=num_image_tokens,
                 prompts=prompts,
-                prompt_attention=(index == last),
+                prompt_attention=(index == last and not cached),
                 need_scores=need_scores,
+                static_state=static_states[index] if cached else None,
             )
             if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens, scores = layer._gradient_checkpointing_func(step, torch.cat([image_tokens, prompt_tokens], 1))
+                tokens, scores = layer._gradient_checkpointing_func(step, tokens)
             else:
-                tokens, scores = step(torch.cat([image_tokens, prompt_tokens], 1))
+                tokens, scores = step(tokens)
             image_tokens, carried = tokens[:, :num_image_tokens], tokens[:, num_image_tokens:]
             if (index + 1) in prompts.attribute_layers:
                 top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
@@ -306,17 +375,17 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         prompts: ShipPrompts,
         prompt_attention: bool,
         need_scores: bool,
+        static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One pre-norm ViT layer on ``[image ; prompt]`` tokens with SHIP's attention (SHIP_METHOD.md §4).
 
         Returns the layer output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
         """
-        attention = layer.attention
         normed = layer.layernorm_before(tokens)
-        attended, scores = self._attention(attention, normed, num_image_tokens, prompts, prompt_attention, need_scores)
-        tokens = tokens + layer.dropout(attention.o_proj(attended))
-        tokens = tokens + layer.dropout(layer.mlp(layer.layernorm_after(tokens)))
-        return tokens, scores
+        attended, scores = self._attention(
+            layer.attention, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
+        )
+        return _residual_update(layer, tokens, attended), scores
 
     def _attention(
         self,
@@ -326,8 +395,12 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         prompts: ShipPrompts,
         prompt_attention: bool,
         need_scores: bool,
+        static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention output (before ``o_proj``) for every token, ``[B, N+P, H*d]``, and the CLS scores if asked."""
+        """Attention output (before ``o_proj``) for every token, ``[B, N+P, H*d]``, and the CLS scores if asked.
+
+        ``static_state`` holds cached prompt keys and values ``[1, H, P_static, d]`` that join the prompt keys.
+        """
         head_dim = attention.head_dim
         attend = self._attend_function(attention)
         queries_all = prompt_attention or not prompts.decoupled_attention
@@ -338,6 +411,10 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         image_key, prompt_key = key[:, :, :num_image_tokens], key[:, :, num_image_tokens:]
         image_value, prompt_value = value[:, :, :num_image_tokens], value[:, :, num_image_tokens:]
         scores = cls_scores(image_query, image_key, attention.scaling) if need_scores else None
+        if static_state is not None:
+            batch_size = normed.shape[0]
+            prompt_key = torch.cat([static_state[0].expand(batch_size, -1, -1, -1), prompt_key], dim=2)
+            prompt_value = torch.cat([static_state[1].expand(batch_size, -1, -1, -1), prompt_value], dim=2)
 
         if not prompts.decoupled_attention:
             return _merge_heads(attend(query, key, value)), scores

@@ -108,6 +108,29 @@ class ShipModel(BaseTuner):
                 setattr(parent, name.rpartition(".")[2], module.base_layer)
         return self.model
 
+    def enable_prompt_cache(self) -> None:
+        """Cache the semantic and shared prompts' keys and values for inference (SHIP_METHOD.md §6).
+
+        In eval mode these prompts follow the same trajectory for every input, so they are run once (and again only
+        after a parameter, dtype, device or autocast change) and an input then costs the backbone plus its attention
+        to the cached prompts and the few attribute prompts. Logits are those of the uncached path up to float
+        rounding. Training mode always runs the full method. Needs ``decoupled_attention=True``.
+        """
+        layer = get_ship_layer(self.model)
+        for name in self.active_adapters:
+            if not self.peft_config[name].decoupled_attention:
+                raise ValueError(
+                    f"The prompt cache needs decoupled attention; adapter {name!r} has decoupled_attention=False, so "
+                    f"its prompts attend to the image and differ for every input."
+                )
+        layer.use_prompt_cache = True
+
+    def disable_prompt_cache(self) -> None:
+        """Run the full method in eval mode too (the default) and free the cache."""
+        layer = get_ship_layer(self.model)
+        layer.use_prompt_cache = False
+        layer._prompt_cache = None
+
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
         # ``...vit.ship_prompts.<adapter>.shared_prompts`` -> ``...vit.ship_prompts.shared_prompts`` (and back on load)
