@@ -184,7 +184,8 @@ def collect_cls_features(
 ) -> torch.Tensor:
     """CLS token of every layer's output (residual stream, before the final LayerNorm) of the plain backbone.
 
-    Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``.
+    Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``. Under ``torch.distributed`` each
+    process reads its own share of the data and the features of all processes are gathered, in rank order.
     """
     layer = get_ship_layer(model)
     backbone = layer.base_layer
@@ -207,9 +208,32 @@ def collect_cls_features(
     finally:
         progress.close()
         backbone.train(was_training)
-    if not features:
+    local = torch.cat(features) if features else None
+    gathered = _gather_across_processes(local, len(backbone.layers), backbone.config.hidden_size, device)
+    if gathered is None or gathered.shape[0] == 0:
         raise ValueError("Calibration got no images: the data loader or dataset is empty.")
-    return torch.cat(features)
+    return gathered[:max_samples]
+
+
+def _gather_across_processes(
+    features: Optional[torch.Tensor], num_layers: int, hidden_size: int, device: torch.device
+) -> Optional[torch.Tensor]:
+    """Under ``torch.distributed``, every rank's features in rank order (so all ranks compute the same levels and
+    prototypes); otherwise ``features`` unchanged."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return features
+    if features is None:
+        features = torch.zeros(0, num_layers, hidden_size, device=device)
+    world_size = torch.distributed.get_world_size()
+    count = torch.tensor([features.shape[0]], device=device)
+    counts = [torch.zeros_like(count) for _ in range(world_size)]
+    torch.distributed.all_gather(counts, count)
+    largest = int(max(c.item() for c in counts))
+    padded = torch.zeros(largest, num_layers, hidden_size, device=device, dtype=features.dtype)
+    padded[: features.shape[0]] = features
+    parts = [torch.zeros_like(padded) for _ in range(world_size)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts)])
 
 
 def initialize_ship_weights(

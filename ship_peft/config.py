@@ -52,7 +52,8 @@ def check_prompt_layers(prompt_layers, num_layers: Optional[int] = None) -> None
     if num_layers is not None and prompt_layers[-1] >= num_layers:
         raise ValueError(
             f"ShipConfig.prompt_layers={list(prompt_layers)!r} names layer {prompt_layers[-1]}, but the backbone has "
-            f"{num_layers} layers (indices 0..{num_layers - 1}); drop the entries >= {num_layers}."
+            f"{num_layers} layers (indices 0..{num_layers - 1}); drop the entries >= {num_layers} (when loading an "
+            f"adapter: load it onto the backbone it was trained with)."
         )
 
 

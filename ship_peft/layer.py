@@ -164,6 +164,32 @@ def _merge_heads(attention_output: torch.Tensor) -> torch.Tensor:
     return attention_output.reshape(*attention_output.shape[:2], -1)
 
 
+def check_pixel_values(vit: ViTModel, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
+    """Clear errors for images the backbone cannot take: wrong rank, channels, size, or non-finite values."""
+    config = vit.config
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must be a [batch, channels, height, width] tensor, got shape {tuple(pixel_values.shape)}; "
+            f"prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)."
+        )
+    channels, height, width = pixel_values.shape[1:]
+    if channels != config.num_channels:
+        raise ValueError(
+            f"The images have {channels} channels but the backbone expects {config.num_channels}; convert them "
+            f"(e.g. `image.convert('RGB')`) before the image processor."
+        )
+    expected = tuple(vit.embeddings.patch_embeddings.image_size)
+    if not interpolate_pos_encoding and (height, width) != expected:
+        raise ValueError(
+            f"The images are {height}x{width} but the backbone takes {expected[0]}x{expected[1]}; resize them with "
+            f"the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std)."
+        )
+
+
 def _residual_update(layer: ViTLayer, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
     """The rest of a pre-norm ViT layer after attention: ``y = x + Wo a``, ``out = y + MLP(LN2(y))``."""
     tokens = tokens + layer.dropout(layer.attention.o_proj(attended))
@@ -265,6 +291,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")
         prompts = self._prompts_for_forward()
         vit = self.base_layer
+        check_pixel_values(vit, pixel_values, bool(interpolate_pos_encoding))
         pixel_values = pixel_values.to(vit.embeddings.patch_embeddings.projection.weight.dtype)
         image_tokens = vit.embeddings(
             pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding

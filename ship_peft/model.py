@@ -4,10 +4,11 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
+import torch
 from torch import nn
 from transformers.models.vit.modeling_vit import ViTModel
 
@@ -41,12 +42,41 @@ def find_backbone_name(model: nn.Module) -> str:
     return names[0]
 
 
+def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> None:
+    """Clear error for class labels outside ``[0, num_labels)`` (-100, the ignore index, is allowed)."""
+    if labels is None or num_labels is None or not torch.is_tensor(labels) or labels.is_floating_point():
+        return
+    valid = labels[labels != -100]
+    if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
+        raise ValueError(
+            f"labels must lie in [0, {num_labels}) (the model has num_labels={num_labels}), got values from "
+            f"{valid.min().item()} to {valid.max().item()}; create the model with the dataset's number of classes "
+            f"(`from_pretrained(..., num_labels=...)`) or fix the labels."
+        )
+
+
 def get_ship_layer(model: nn.Module) -> ShipLayer:
     """The :class:`ShipLayer` of a PEFT model (or of the model inside it)."""
     for module in model.modules():
         if isinstance(module, ShipLayer):
             return module
     raise TypeError(f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`.")
+
+
+def check_adapter_shapes(model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], config) -> None:
+    """Clear error when a saved adapter does not fit the backbone it is loaded onto (width or number of labels)."""
+    mismatched = [
+        f"{key}: saved {tuple(tensor.shape)}, model {tuple(model_state[key].shape)}"
+        for key, tensor in adapter_state.items()
+        if key in model_state and model_state[key].shape != tensor.shape
+    ]
+    if mismatched:
+        base = getattr(config, "base_model_name_or_path", None) or "the backbone it was trained with"
+        raise ValueError(
+            "This SHIP adapter does not fit the model it is loaded onto (another hidden size or number of labels):\n  "
+            + "\n  ".join(mismatched)
+            + f"\nLoad it onto {base}, created with the same `num_labels` as the adapter's classifier."
+        )
 
 
 class ShipModel(BaseTuner):
@@ -136,12 +166,21 @@ class ShipModel(BaseTuner):
         # ``...vit.ship_prompts.<adapter>.shared_prompts`` -> ``...vit.ship_prompts.shared_prompts`` (and back on load)
         return key.replace(f"{SHIP_PREFIX}.{adapter_name}.", f"{SHIP_PREFIX}.", 1)
 
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_shapes(model.state_dict(), state_dict, config)
+        return state_dict
+
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         pass  # prompts stay in the dtype they were created in (float32), as PEFT does for float16/bfloat16 bases
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """For one ``PeftModel`` call: add the backbone's matching loss to the model's loss (SHIP_METHOD.md §5)."""
+        check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         layer = get_ship_layer(self.model)
         captured: dict[str, Any] = {}
 

@@ -1,0 +1,96 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The bad-input catalogue (docs/bad-input.md): each input gives an error that names the problem and the fix."""
+
+import json
+
+import pytest
+import torch
+from peft import PeftConfig, PeftModel
+from safetensors import SafetensorError
+
+from conftest import pixels, tiny_ship_model, tiny_vit
+
+
+@pytest.mark.parametrize(
+    "images, interpolate, words",
+    [
+        (torch.randn(2, 3, 24, 24), False, r"24x24 but the backbone takes 16x16.*interpolate_pos_encoding=True"),
+        (torch.randn(2, 1, 16, 16), False, r"1 channels but the backbone expects 3.*convert\('RGB'\)"),
+        (torch.randn(3, 16, 16), False, r"\[batch, channels, height, width\].*image processor"),
+        (torch.full((2, 3, 16, 16), float("nan")), False, "NaN or inf.*normalised"),
+        (torch.full((2, 3, 16, 16), float("inf")), False, "NaN or inf"),
+    ],
+)
+def test_bad_images(images, interpolate, words):
+    model = tiny_ship_model()
+    with pytest.raises(ValueError, match=words):
+        model(pixel_values=images, interpolate_pos_encoding=interpolate)
+
+
+def test_other_image_size_runs_with_interpolated_positions():
+    logits = tiny_ship_model()(pixel_values=torch.randn(2, 3, 24, 24), interpolate_pos_encoding=True).logits
+    assert logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0, 1, 3, 1]), torch.tensor([0, -2, 1, 1])])
+def test_labels_outside_num_labels(labels):
+    model = tiny_ship_model().train()
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\).*num_labels="):
+        model(pixel_values=pixels(), labels=labels)
+
+
+def test_ignore_index_is_a_valid_label():
+    model = tiny_ship_model().train()
+    assert torch.isfinite(model(pixel_values=pixels(), labels=torch.tensor([0, -100, 2, 1])).loss)
+
+
+@pytest.fixture
+def saved_adapter(tmp_path):
+    tiny_ship_model().save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "backbone, words",
+    [
+        ({"hidden_size": 48}, r"(?s)does not fit.*shared_prompts: saved \(10, 32\), model \(10, 48\)"),
+        ({"num_labels": 5}, r"(?s)does not fit.*classifier.*saved \(3, 32\), model \(5, 32\).*num_labels"),
+        ({"num_hidden_layers": 2}, r"backbone has 2 layers.*load it onto the backbone it was trained with"),
+    ],
+)
+def test_adapter_on_another_backbone(saved_adapter, backbone, words):
+    with pytest.raises(ValueError, match=words):
+        PeftModel.from_pretrained(tiny_vit(**backbone), saved_adapter)
+
+
+def test_truncated_adapter_file(saved_adapter):
+    (saved_adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00")
+    with pytest.raises(SafetensorError):
+        PeftModel.from_pretrained(tiny_vit(), saved_adapter)
+
+
+@pytest.mark.parametrize(
+    "field, value, error, words",
+    [
+        ("num_prompts", "50", TypeError, "num_prompts must be an int"),
+        ("share_threshold", 2.0, ValueError, r"share_threshold must lie in \(0.0, 1.0\]"),
+        ("prompt_layers", [0, 5, 3], ValueError, "strictly increasing"),
+    ],
+)
+def test_adapter_config_with_bad_values(saved_adapter, field, value, error, words):
+    path = saved_adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config[field] = value
+    path.write_text(json.dumps(config))
+    with pytest.raises(error, match=words):
+        PeftConfig.from_pretrained(saved_adapter)
+
+
+def test_adapter_config_with_unknown_fields_loads_with_a_warning(saved_adapter):
+    path = saved_adapter / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["field_from_a_newer_version"] = 1
+    path.write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="field_from_a_newer_version"):
+        loaded = PeftConfig.from_pretrained(saved_adapter)
+    assert not hasattr(loaded, "field_from_a_newer_version")
