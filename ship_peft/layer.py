@@ -240,9 +240,9 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self._checked_prototypes.discard(adapter_name)
         if config.prompt_layers is None:
             return
-        prompts = ShipPrompts(config, self.hidden_size)
-        parameter = next(self.base_layer.parameters())
-        self.ship_prompts[adapter_name] = prompts.to(parameter.device)
+        self.ship_prompts[adapter_name] = ShipPrompts(config, self.hidden_size)
+        device = next(self.base_layer.parameters()).device
+        self._move_adapter_to_device_of_base_layer(adapter_name, device=device)  # skips meta (low_cpu_mem_usage)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def _prompts_for_forward(self) -> ShipPrompts:

@@ -184,3 +184,22 @@ def test_bare_vit_model_and_other_backbones_are_clear_errors():
         get_peft_model(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)), ShipConfig())
     with pytest.raises(TypeError, match="Supported backbones: transformers ViTForImageClassification"):
         get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), ShipConfig(modules_to_save=None))
+
+
+def test_low_cpu_mem_usage_loading_and_delete_adapter(tmp_path):
+    model = tiny_ship_model(seed=9)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_vit(seed=9), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(reloaded(pixel_values=pixels()).logits, model(pixel_values=pixels()).logits)
+    model.add_adapter("extra", ShipConfig(num_prompts=2, prompt_layers=[0, 1], num_attribute_layers=0))
+    model.delete_adapter("extra")
+    assert list(model.get_base_model().vit.ship_prompts) == ["default"] and list(model.peft_config) == ["default"]
+
+
+def test_inject_adapter_in_model_from_a_state_dict():
+    from peft import get_peft_model_state_dict, inject_adapter_in_model
+
+    model = tiny_ship_model(seed=10)
+    state_dict = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
+    injected = inject_adapter_in_model(model.peft_config["default"], tiny_vit(seed=10), state_dict=state_dict)
+    assert isinstance(injected.vit, ship_peft.ShipLayer)
