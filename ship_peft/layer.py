@@ -115,6 +115,11 @@ class ShipPrompts(nn.Module):
 
         ``top_tokens`` ``[B, A, D]`` are the previous layer's output tokens with the highest CLS scores, best first.
         """
+        if top_tokens.shape[1] < self.num_attribute_prompts:
+            raise ValueError(
+                f"num_attribute_prompts={self.num_attribute_prompts} exceeds the {top_tokens.shape[1]} image tokens "
+                f"(CLS + patches) the attribute prompts are drawn from; lower `ShipConfig.num_attribute_prompts`."
+            )
         prototypes = self.prototypes.to(top_tokens.dtype)
         pattern = _cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes
         attribute = self.attribute_prompts[self.attribute_layers.index(layer_index)].to(top_tokens.dtype)

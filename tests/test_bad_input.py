@@ -94,3 +94,9 @@ def test_adapter_config_with_unknown_fields_loads_with_a_warning(saved_adapter):
     with pytest.warns(UserWarning, match="field_from_a_newer_version"):
         loaded = PeftConfig.from_pretrained(saved_adapter)
     assert not hasattr(loaded, "field_from_a_newer_version")
+
+
+def test_more_attribute_prompts_than_image_tokens():
+    model = tiny_ship_model(num_attribute_prompts=18)  # the tiny ViT has 17 image tokens
+    with pytest.raises(ValueError, match="num_attribute_prompts=18 exceeds the 17 image tokens"):
+        model(pixel_values=pixels())

@@ -1,0 +1,306 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""A deliberately naive SHIP forward pass (SHIP_METHOD.md §4-§5), the test oracle of ``test_forward_naive.py``.
+
+It is written from the method text alone and imports nothing from ``ship_peft``: it only reads the weights of a plain
+transformers ``ViTForImageClassification`` (embeddings, every layer's two LayerNorms, q/k/v/o projections and MLP,
+the final LayerNorm and the classifier) and takes the prompt tensors as plain tensors. Everything is spelled out:
+a python loop over the layers, a python loop over the heads, attention as ``softmax(q k^T / sqrt(d)) v`` with matmul,
+``torch.topk`` (descending) for every top-k choice and ``F.cosine_similarity`` for every cosine. It is slow on
+purpose; use it on tiny models only.
+
+It assumes no dropout (the backbone's dropout probabilities are 0, as in the tiny test models) and exact GELU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+#: eps of every cosine similarity (SHIP_METHOD.md §4).
+COSINE_EPS = 1e-8
+
+
+@dataclass
+class NaivePrompts:
+    """The tensors of one SHIP adapter, as plain tensors.
+
+    ``semantic_prompts[g]`` ``[K, D]`` (SIP of level g); ``shared_prompts`` ``[S, D]`` or None (SSP);
+    ``attribute_prompts`` ``[A_lv, A, D]`` or None (AP); ``prototypes`` ``[M, D]`` or None.
+    """
+
+    semantic_prompts: list[Tensor]
+    shared_prompts: Optional[Tensor]
+    attribute_prompts: Optional[Tensor]
+    prototypes: Optional[Tensor]
+
+
+@dataclass
+class NaiveHyperParameters:
+    """SHIP's hyper-parameters (names as in SHIP_METHOD.md)."""
+
+    prompt_layers: list[int]
+    num_attribute_layers: int = 2  # A_lv
+    prompt_attention_weight: float = 0.1  # lambda
+    attribute_mix: float = 0.1  # beta
+    matching_top_k: int = 10  # T
+    decoupled_attention: bool = True
+    matching_loss_weight: float = 0.5
+
+
+@dataclass
+class TopKChoice:
+    """One top-k choice of image tokens by CLS score, kept so that tests can check it is not a near-tie.
+
+    ``sorted_scores`` ``[B, N]`` are all N scores in descending order; ``order_matters`` is True when the order of the
+    chosen tokens matters (attribute prompts), False when only the chosen set matters (matching loss).
+    """
+
+    purpose: str
+    sorted_scores: Tensor
+    k: int
+    order_matters: bool
+
+    def margin(self) -> float:
+        """Smallest score gap that decides the choice (inf when every token is chosen and order does not matter)."""
+        num_tokens = self.sorted_scores.shape[-1]
+        gaps = self.sorted_scores[:, :-1] - self.sorted_scores[:, 1:]  # gap r: between rank r and rank r+1
+        if self.order_matters:
+            deciding = gaps[:, : min(self.k, num_tokens - 1)]  # ranks 0..k-1 among themselves and rank k-1 vs k
+        elif self.k < num_tokens:
+            deciding = gaps[:, self.k - 1 : self.k]  # only the boundary between chosen and not chosen
+        else:
+            return math.inf
+        return deciding.min().item() if deciding.numel() else math.inf
+
+
+@dataclass
+class NaiveOutput:
+    """Logits, cross-entropy, matching loss (None in eval mode), total loss, and every top-k choice made."""
+
+    logits: Tensor
+    classification_loss: Optional[Tensor]
+    matching_loss: Optional[Tensor]
+    loss: Optional[Tensor]
+    choices: list[TopKChoice] = field(default_factory=list)
+
+
+def attribute_layer_indices(prompt_layers: list[int], num_attribute_layers: int) -> list[int]:
+    """The last ``num_attribute_layers`` level starts that are > 0 (SHIP_METHOD.md §2)."""
+    starts_after_zero = [layer for layer in prompt_layers if layer > 0]
+    if num_attribute_layers == 0:
+        return []
+    return starts_after_zero[-num_attribute_layers:]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Building blocks, written out from the weights
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def linear(x: Tensor, module: torch.nn.Linear) -> Tensor:
+    """``x W^T + b``."""
+    out = x @ module.weight.transpose(0, 1)
+    return out + module.bias if module.bias is not None else out
+
+
+def layer_norm(x: Tensor, module: torch.nn.LayerNorm) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * gamma + beta`` over the last dimension (biased variance)."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+
+
+def mlp(layer, x: Tensor) -> Tensor:
+    """``fc2(GELU(fc1(x)))`` with the exact (erf) GELU."""
+    return linear(F.gelu(linear(x, layer.mlp.fc1)), layer.mlp.fc2)
+
+
+def embed(vit, pixel_values: Tensor) -> Tensor:
+    """ViT embeddings: patch projection (a strided convolution), CLS first, plus position embeddings, ``[B, N, D]``."""
+    projection = vit.embeddings.patch_embeddings.projection
+    patches = F.conv2d(pixel_values, projection.weight, projection.bias, stride=projection.stride)
+    patches = patches.flatten(2).transpose(1, 2)  # [B, num_patches, D]
+    cls = vit.embeddings.cls_token.expand(pixel_values.shape[0], -1, -1)
+    return torch.cat([cls, patches], dim=1) + vit.embeddings.position_embeddings
+
+
+def softmax_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """One head: ``softmax(q k^T / sqrt(d)) v`` for ``q [B, n, d]``, ``k, v [B, m, d]`` -> ``[B, n, d]``."""
+    scores = query @ key.transpose(1, 2) / math.sqrt(query.shape[-1])
+    return torch.softmax(scores, dim=-1) @ value
+
+
+def top_tokens(tokens: Tensor, scores: Tensor, k: int) -> Tensor:
+    """The ``k`` rows of ``tokens [B, N, D]`` with the highest ``scores [B, N]``, best first (torch.topk)."""
+    index = torch.topk(scores, min(k, scores.shape[-1]), dim=-1, largest=True, sorted=True).indices
+    rows = [tokens[b, index[b]] for b in range(tokens.shape[0])]
+    return torch.stack(rows)
+
+
+def record_choice(choices: list[TopKChoice], purpose: str, scores: Tensor, k: int, order_matters: bool) -> None:
+    sorted_scores = torch.sort(scores.detach(), dim=-1, descending=True).values
+    choices.append(TopKChoice(purpose, sorted_scores, k, order_matters))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SHIP
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def ship_layer(
+    layer,
+    image_tokens: Tensor,
+    prompt_tokens: Tensor,
+    num_heads: int,
+    lam: float,
+    decoupled: bool,
+    is_last: bool,
+) -> tuple[Tensor, Tensor]:
+    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (SHIP_METHOD.md §4).
+
+    Returns the layer output ``[B, N + P, D]`` and the CLS query's pre-softmax scores over the ``N`` image keys,
+    averaged over heads, ``[B, N]``.
+    """
+    attention = layer.attention
+    num_image = image_tokens.shape[1]
+    tokens = torch.cat([image_tokens, prompt_tokens], dim=1)
+    h = layer_norm(tokens, layer.layernorm_before)
+    h_v, h_p = h[:, :num_image], h[:, num_image:]
+    hidden = h.shape[-1]
+    head_dim = hidden // num_heads
+
+    q, k, v = linear(h, attention.q_proj), linear(h, attention.k_proj), linear(h, attention.v_proj)
+    image_outputs, prompt_outputs, cls_scores = [], [], []
+    for head in range(num_heads):
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        q_v, k_v, v_v = q[:, :num_image, cols], k[:, :num_image, cols], v[:, :num_image, cols]
+        q_p, k_p, v_p = q[:, num_image:, cols], k[:, num_image:, cols], v[:, num_image:, cols]
+        k_all, v_all = k[:, :, cols], v[:, :, cols]
+        cls_scores.append(q_v[:, 0].unsqueeze(1) @ k_v.transpose(1, 2) / math.sqrt(head_dim))  # [B, 1, N]
+        if decoupled:
+            image_outputs.append(
+                (1 - lam) * softmax_attention(q_v, k_v, v_v) + lam * softmax_attention(q_v, k_p, v_p)
+            )
+            if is_last:
+                prompt_outputs.append(softmax_attention(q_p, k_all, v_all))
+        else:
+            image_outputs.append(softmax_attention(q_v, k_all, v_all))
+            prompt_outputs.append(softmax_attention(q_p, k_all, v_all))
+
+    a_v = torch.cat(image_outputs, dim=-1)
+    if decoupled and not is_last:
+        a_p = h_p  # prompts bypass attention: not even W_v is applied
+    else:
+        a_p = torch.cat(prompt_outputs, dim=-1)
+    y = tokens + linear(torch.cat([a_v, a_p], dim=1), attention.o_proj)
+    out = y + mlp(layer, layer_norm(y, layer.layernorm_after))
+    scores = torch.stack(cls_scores, dim=0).mean(dim=0).squeeze(1)  # mean over heads -> [B, N]
+    return out, scores
+
+
+def attribute_prompts(top: Tensor, prototypes: Tensor, parameter: Tensor, beta: float) -> Tensor:
+    """``beta * softmax_M(cos(X, prototypes)) @ prototypes + (1 - beta) * AP[k]`` for ``X = top [B, A, D]``."""
+    cos = F.cosine_similarity(top.unsqueeze(2), prototypes[None, None], dim=-1, eps=COSINE_EPS)  # [B, A, M]
+    weights = torch.softmax(cos, dim=-1)
+    pattern = weights @ prototypes  # [B, A, D]
+    return beta * pattern + (1 - beta) * parameter
+
+
+def matching_loss(prompt_outputs: Tensor, top_image: Tensor) -> Tensor:
+    """``mean_{b, p} min_t (1 - cos(Z_p, V_t))`` (SHIP_METHOD.md §5)."""
+    cos = F.cosine_similarity(prompt_outputs.unsqueeze(2), top_image.unsqueeze(1), dim=-1, eps=COSINE_EPS)
+    return (1 - cos).min(dim=-1).values.mean()
+
+
+def prompts_entering(
+    layer_index: int,
+    level_starts: list[int],
+    attribute_layers: list[int],
+    prompts: NaivePrompts,
+    previous_prompt_output: Optional[Tensor],
+    attribute_tokens: Optional[Tensor],
+    batch_size: int,
+) -> Tensor:
+    """The prompt tokens ``P`` entering layer ``layer_index`` (SHIP_METHOD.md §4)."""
+    num_shared = 0 if prompts.shared_prompts is None else prompts.shared_prompts.shape[0]
+    if layer_index in level_starts:  # a level starts (always the case at layer 0): fresh SIP (+ AP)
+        level = level_starts.index(layer_index)
+        parts = [prompts.semantic_prompts[level].expand(batch_size, -1, -1)]
+        if layer_index in attribute_layers:
+            parts.append(attribute_tokens)
+    else:  # the level flows on: drop the previous layer's last S tokens (its shared prompts)
+        kept = previous_prompt_output.shape[1] - num_shared
+        parts = [previous_prompt_output[:, :kept]]
+    if prompts.shared_prompts is not None:
+        parts.append(prompts.shared_prompts.expand(batch_size, -1, -1))
+    return torch.cat(parts, dim=1)
+
+
+def naive_ship_forward(
+    model,
+    prompts: NaivePrompts,
+    hyper: NaiveHyperParameters,
+    pixel_values: Tensor,
+    labels: Optional[Tensor] = None,
+    training: bool = True,
+) -> NaiveOutput:
+    """SHIP on a plain ``ViTForImageClassification`` ``model`` (only its weights are read).
+
+    In training mode the matching loss is computed and ``loss = CE + matching_loss_weight * matching_loss``; in eval
+    mode ``matching_loss`` is None and ``loss`` is the cross-entropy. ``loss`` is None without labels.
+    """
+    vit, config = model.vit, model.config
+    assert config.hidden_act == "gelu", "the naive oracle implements the exact GELU only"
+    assert config.hidden_dropout_prob == 0 and config.attention_probs_dropout_prob == 0, "no dropout in the oracle"
+    assert hyper.prompt_layers[0] == 0
+    attribute_layers = (
+        attribute_layer_indices(hyper.prompt_layers, hyper.num_attribute_layers)
+        if prompts.attribute_prompts is not None
+        else []
+    )
+    if prompts.attribute_prompts is not None:
+        assert prompts.attribute_prompts.shape[0] == len(attribute_layers)
+    num_layers = len(vit.layers)
+    last = num_layers - 1
+    choices: list[TopKChoice] = []
+
+    x = embed(vit, pixel_values)
+    batch_size = x.shape[0]
+    prompt_output, attribute_tokens, scores = None, None, None
+    for i in range(num_layers):
+        if i in attribute_layers:  # from layer i-1's output and CLS scores, before any replacement
+            num_attribute = prompts.attribute_prompts.shape[1]
+            record_choice(choices, f"attribute prompts of layer {i}", scores, num_attribute, order_matters=True)
+            top = top_tokens(x, scores, num_attribute)
+            attribute_tokens = attribute_prompts(
+                top, prompts.prototypes, prompts.attribute_prompts[attribute_layers.index(i)], hyper.attribute_mix
+            )
+        p = prompts_entering(
+            i, hyper.prompt_layers, attribute_layers, prompts, prompt_output, attribute_tokens, batch_size
+        )
+        out, scores = ship_layer(
+            vit.layers[i],
+            x,
+            p,
+            num_heads=config.num_attention_heads,
+            lam=hyper.prompt_attention_weight,
+            decoupled=hyper.decoupled_attention,
+            is_last=(i == last),
+        )
+        x, prompt_output = out[:, : x.shape[1]], out[:, x.shape[1] :]
+
+    logits = linear(layer_norm(x, vit.layernorm)[:, 0], model.classifier)
+    classification_loss = F.cross_entropy(logits, labels) if labels is not None else None
+    pml = None
+    if training:
+        record_choice(choices, "matching loss", scores, hyper.matching_top_k, order_matters=False)
+        pml = matching_loss(prompt_output, top_tokens(x, scores, hyper.matching_top_k))
+    loss = None
+    if classification_loss is not None:
+        loss = classification_loss + (hyper.matching_loss_weight * pml if pml is not None else 0.0)
+    return NaiveOutput(logits, classification_loss, pml, loss, choices)
