@@ -43,7 +43,8 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
     Zero vectors give 0, never NaN.
     """
-    return F.normalize(a, dim=-1, eps=COSINE_EPS) @ F.normalize(b, dim=-1, eps=COSINE_EPS).transpose(-1, -2)
+    eps = max(COSINE_EPS, torch.finfo(a.dtype).tiny)  # 1e-8 is 0 in float16
+    return F.normalize(a, dim=-1, eps=eps) @ F.normalize(b, dim=-1, eps=eps).transpose(-1, -2)
 
 
 def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:

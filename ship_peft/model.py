@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -10,6 +12,7 @@ from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
 import torch
 from torch import nn
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.vit.modeling_vit import ViTModel
 
 from .config import ShipConfig, check_prompt_layers
@@ -40,6 +43,20 @@ def find_backbone_name(model: nn.Module) -> str:
             f"`ShipConfig(target_modules=[name])`."
         )
     return names[0]
+
+
+@functools.lru_cache(maxsize=None)
+def with_ship_losses(output_class: type[ModelOutput]) -> type[ModelOutput]:
+    """``output_class`` with two more fields, ``classification_loss`` and ``matching_loss`` (for logging).
+
+    A declared ``ModelOutput`` subclass, not extra keys: DDP and ``torch.utils._pytree`` rebuild outputs from their
+    declared fields.
+    """
+    fields = [(name, Optional[torch.Tensor], dataclasses.field(default=None)) for name in LOSS_FIELDS]
+    return dataclasses.make_dataclass(f"Ship{output_class.__name__}", fields, bases=(output_class,))
+
+
+LOSS_FIELDS = ("classification_loss", "matching_loss")
 
 
 def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> None:
@@ -184,18 +201,23 @@ class ShipModel(BaseTuner):
         layer = get_ship_layer(self.model)
         captured: dict[str, Any] = {}
 
+        num_items_in_batch = kwargs.get("num_items_in_batch")
+
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             captured["matching_loss"] = getattr(output, "matching_loss", None)
+            captured["batch_size"] = output.last_hidden_state.shape[0]
 
         def add_matching_loss(module: nn.Module, inputs: Any, output: Any) -> Any:
             matching_loss = captured.get("matching_loss")
             if matching_loss is None or getattr(output, "loss", None) is None:
                 return output
             weight = self.peft_config[self.active_adapters[0]].matching_loss_weight
-            output["classification_loss"] = output.loss
-            output["matching_loss"] = matching_loss
-            output["loss"] = output.loss + weight * matching_loss
-            return output
+            # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the
+            # items of the whole (accumulated, multi-process) batch; the matching loss is put on the same footing.
+            share = 1.0 if num_items_in_batch is None else captured["batch_size"] / num_items_in_batch
+            values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
+            values["loss"] = output.loss + weight * matching_loss * share
+            return with_ship_losses(type(output))(**values)
 
         handles = [layer.register_forward_hook(capture), self.model.register_forward_hook(add_matching_loss)]
         try:
