@@ -11,6 +11,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     packages=find_packages(include=["ship_peft", "ship_peft.*"]),
+    package_data={"ship_peft.assets": ["tiny-vit-fractal-1k/*", "digits/*"]},
+    entry_points={"console_scripts": ["ship-peft = ship_peft.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -20,6 +22,7 @@ setup(
         "datasets>=4.0",
         "safetensors>=0.4",
         "tqdm",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "scikit-learn>=1.4", "hypothesis>=6"]},
     classifiers=[

@@ -1,0 +1,347 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The ``ship-peft`` command line: train / evaluate / calibrate in-process on a tiny ViT and tiny datasets, the
+offline default's settings, bad input, and one real ``python -m ship_peft train`` of the offline default."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from ship_peft import cli
+from ship_peft.calibration import semantic_levels
+from ship_peft.cli import OFFLINE_PRESET, build_parser, main
+
+from test_data import save_dataset, save_imagefolder, save_tiny_vit
+
+TINY_SHIP = [
+    "--num-prompts",
+    "2",
+    "--num-prototypes",
+    "4",
+    "--num-attribute-prompts",
+    "3",
+    "--share-threshold",
+    "0.999",
+]
+TINY_TRAINING = [
+    "--epochs",
+    "2",
+    "--batch-size",
+    "8",
+    "--warmup-epochs",
+    "0",
+    "--learning-rate",
+    "0.01",
+    "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny ViT folder and a tiny saved dataset (custom column names, train + test splits)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return save_tiny_vit(root), save_dataset(root, {"train": 30, "test": 9})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """One `ship-peft train` of SHIP and both baselines on the tiny data; returns (output dir, stdout)."""
+    model, dataset = tiny
+    output = tmp_path_factory.mktemp("train") / "out"
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--dataset",
+        str(dataset),
+        "--validation-size",
+        "6",
+        "--output-dir",
+        str(output),
+    ]
+    argv += TINY_SHIP + TINY_TRAINING + ["--baselines", "vpt-deep", "linear", "--logging-steps", "1"]
+    argv += ["--report-to", "tensorboard"] if _has("tensorboard") else []
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(argv) == 0
+    return output, stdout.getvalue()
+
+
+def _has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def test_train_writes_adapter_card_metrics_and_pictures(trained):
+    output, stdout = trained
+    adapter = output / "adapter"
+    assert {p.name for p in adapter.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "preprocessor_config.json",
+    }
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert list(metrics["results"]) == ["ship", "vpt-deep", "linear"]
+    assert metrics["data"] == {"train": 24, "validation": 6, "test": 9, "classes": 3}
+    assert metrics["prompt_layers"] == [0, 1, 2, 3] and len(metrics["layer_affinity"]) == 4
+    assert metrics["ship_config"]["num_prompts"] == 2 and metrics["training"]["epochs"] == 2
+    for name in ("training_curves.png", "layer_affinity.png", "confusion_matrix.png"):
+        with Image.open(output / name) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 300
+    for method, title in (("ship", "SHIP"), ("vpt-deep", "VPT-deep"), ("linear", "linear probe")):
+        row = metrics["results"][method]
+        assert (
+            f"| {title} | {row['test_accuracy']:.4f} | {row['validation_accuracy']:.4f} | "
+            f"{row['trainable_parameters']:,} |" in stdout
+        )
+    card = (adapter / "README.md").read_text()
+    assert f"| SHIP (this adapter) | {metrics['results']['ship']['test_accuracy']:.4f} |" in card
+    assert "SHIP semantic levels: [0, 1, 2, 3]" in stdout
+
+
+def test_train_logs_both_losses_per_step_and_to_tensorboard(trained):
+    output, stdout = trained
+    results = json.loads((output / "metrics.json").read_text())["results"]
+    steps = [entry for entry in results["ship"]["log_history"] if "loss" in entry]
+    assert len(steps) == 6 and all({"classification_loss", "matching_loss"} <= set(entry) for entry in steps)
+    assert not any("matching_loss" in entry for entry in results["vpt-deep"]["log_history"])
+    assert "'classification_loss': " in stdout and "'matching_loss': " in stdout  # the Trainer's log lines
+    assert results["ship"]["train_seconds"] > 0
+    if _has("tensorboard"):
+        assert list((output / "logs" / "ship").rglob("events.out.tfevents.*"))
+
+
+def test_evaluate_reloads_the_adapter_with_the_same_accuracy(trained, tiny, capsys, tmp_path):
+    output, _ = trained
+    model, dataset = tiny
+    metrics = json.loads((output / "metrics.json").read_text())
+    argv = [
+        "evaluate",
+        str(output / "adapter"),
+        "--dataset",
+        str(dataset),
+        "--validation-size",
+        "6",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0  # --model defaults to the base recorded in the adapter
+    assert f"top-1 accuracy {metrics['results']['ship']['test_accuracy']:.4f}" in capsys.readouterr().out
+    evaluated = json.loads((tmp_path / "metrics.json").read_text())
+    assert evaluated["accuracy"] == pytest.approx(metrics["results"]["ship"]["test_accuracy"])
+    assert evaluated["model"] == str(model) and (tmp_path / "confusion_matrix.png").is_file()
+    assert main(argv[:6] + ["--split", "validation"]) == 0
+    assert "validation (6 images)" in capsys.readouterr().out
+
+
+def test_evaluate_on_data_with_other_classes_is_a_clear_error(trained, tmp_path, capsys):
+    output, _ = trained
+    other = save_dataset(tmp_path, {"train": 10, "test": 5}, num_classes=5)
+    assert main(["evaluate", str(output / "adapter"), "--dataset", str(other)]) == 2
+    assert "classifies 3 classes, but" in capsys.readouterr().err
+
+
+def test_offline_default_uses_its_printed_preset_and_flags_win():
+    parser = build_parser()
+    offline = parser.parse_args(["train"])
+    values = cli._resolve(offline, ["num_prompts", "share_threshold", "num_shared_prompts"], OFFLINE_PRESET)
+    assert values == {"num_prompts": OFFLINE_PRESET["num_prompts"], "share_threshold": 0.8, "num_shared_prompts": 10}
+    settings = cli._settings(offline, OFFLINE_PRESET)
+    assert (settings.epochs, settings.learning_rate) == (OFFLINE_PRESET["epochs"], OFFLINE_PRESET["learning_rate"])
+    given = parser.parse_args(["train", "--num-prompts", "7", "--epochs", "1"])
+    assert cli._resolve(given, ["num_prompts"], OFFLINE_PRESET) == {"num_prompts": 7}
+    assert cli._settings(given, OFFLINE_PRESET).epochs == 1
+    user = parser.parse_args(["train", "--model", "google/vit-base-patch16-224-in21k"])
+    assert cli._resolve(user, ["num_prompts", "share_threshold"], {}) == {"num_prompts": 50, "share_threshold": 0.95}
+    assert cli._settings(user, {}).epochs == 100 and cli._settings(user, {}).warmup_epochs == 10
+    assert (
+        parser.parse_args(["train", "--no-decoupled-attention", "--prompt-layers", "0", "4"]).decoupled_attention
+        is False
+    )
+
+
+def test_every_method_hyperparameter_has_a_flag_with_the_method_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in (
+        "--num-prompts",
+        "--share-threshold",
+        "--num-shared-prompts",
+        "--num-attribute-prompts",
+        "--num-attribute-layers",
+        "--num-prototypes",
+        "--attribute-mix",
+        "--decoupled-attention",
+        "--prompt-attention-weight",
+        "--matching-loss-weight",
+        "--matching-top-k",
+        "--prompt-layers",
+        "--learning-rate",
+        "--weight-decay",
+        "--epochs",
+        "--batch-size",
+        "--warmup-epochs",
+        "--seed",
+        "--bf16",
+        "--output-dir",
+        "--report-to",
+        "--push-to-hub",
+    ):
+        assert flag in text
+    assert "(default: 50; offline default: 10)" in text and "(default: 0.95; offline default: 0.8)" in text
+
+
+def test_train_push_to_hub_pushes_the_saved_folder(tiny, tmp_path, monkeypatch):
+    model, dataset = tiny
+    pushed = {}
+
+    def push(peft_model, repo_id, folder, private=None):
+        pushed.update(
+            repo_id=repo_id,
+            card=(folder / "README.md").read_text(),
+            private=private,
+            files={p.name for p in folder.iterdir()},
+        )
+        return "https://hub/commit"
+
+    monkeypatch.setattr(cli, "push_adapter", push)
+    argv = ["train", "--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--epochs", "1"]
+    argv += TINY_SHIP + ["--batch-size", "8", "--warmup-epochs", "0", "--no-progress", "--push-to-hub", "me/tiny-ship"]
+    assert main(argv) == 0
+    assert pushed["repo_id"] == "me/tiny-ship" and pushed["private"] is None
+    assert "PeftModel.from_pretrained(base, 'me/tiny-ship')" in pushed["card"]
+    assert "adapter_model.safetensors" in pushed["files"]
+    assert not (tmp_path / "logs" / "vpt-deep").exists()  # no baselines by default with --model
+
+
+def test_calibrate_shows_levels_and_writes_the_heatmap(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    argv = [
+        "calibrate",
+        "--model",
+        str(model),
+        "--dataset",
+        str(dataset),
+        "--share-threshold",
+        "0.9",
+        "--output-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "calibration.json").read_text())
+    assert result["num_samples"] == 27 and result["share_threshold"] == 0.9  # all 27 training images
+    affinity = torch.tensor(result["layer_affinity"])
+    assert result["prompt_layers"] == semantic_levels(affinity, 0.9)
+    assert result["levels_by_threshold"]["0.98"] == semantic_levels(affinity, 0.98)
+    assert (
+        f"share_threshold 0.9: {len(result['prompt_layers'])} levels starting at layers {result['prompt_layers']}"
+        in out
+    )
+    assert (tmp_path / "layer_affinity.png").is_file()
+
+
+def test_imagefolder_with_named_columns_trains(tmp_path, tiny):
+    model, _ = tiny
+    root = save_imagefolder(tmp_path, {"train": 18, "test": 6})
+    argv = [
+        "train",
+        "--model",
+        str(model),
+        "--dataset",
+        str(root),
+        "--output-dir",
+        str(tmp_path / "out"),
+        "--epochs",
+        "1",
+    ]
+    argv += TINY_SHIP + [
+        "--batch-size",
+        "6",
+        "--warmup-epochs",
+        "0",
+        "--no-progress",
+        "--image-column",
+        "image",
+        "--label-column",
+        "label",
+    ]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["data"]["classes"] == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-column", "photo"], "no column 'photo'"),
+        (["--image-column", "fine_label"], "holds ClassLabel, not images"),
+        (["--test-split", "holdout"], "no split 'holdout'"),
+        (["--num-prototypes", "500"], "at least as many samples as prototypes"),
+        (["--prompt-layers", "1", "2"], "must start at 0"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_problem(tiny, tmp_path, capsys, extra, message):
+    model, dataset = tiny
+    argv = ["train", "--model", str(model), "--dataset", str(dataset), "--output-dir", str(tmp_path), "--no-progress"]
+    assert main(argv + ["--epochs", "1", "--warmup-epochs", "0"] + extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ship-peft train: error: ") and message in err
+
+
+def test_warmup_longer_than_training_is_a_clear_error_before_any_work(tiny, tmp_path, capsys):
+    model, dataset = tiny
+    assert main(["train", "--model", str(model), "--dataset", str(dataset) + "-missing", "--epochs", "5"]) == 2
+    assert (
+        "--warmup-epochs (10) must be >= 0 and below --epochs (5.0); give a smaller --warmup-epochs"
+        in capsys.readouterr().err
+    )
+
+
+def test_unreadable_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["calibrate", "--model", str(tmp_path / "nothing"), "--output-dir", str(tmp_path)]) == 2
+    assert "cannot read a model configuration" in capsys.readouterr().err
+
+
+def test_python_m_ship_peft_runs_the_offline_default_end_to_end(tmp_path):
+    """The offline default itself (bundled backbone and digits, no network), on a tiny budget: one SHIP step (the
+    baselines' rows of the table are covered in-process above)."""
+    argv = [
+        "train",
+        "--epochs",
+        "0.08",
+        "--warmup-epochs",
+        "0",
+        "--calibration-samples",
+        "120",
+        "--num-prototypes",
+        "20",
+    ]
+    argv += ["--baselines", "--no-progress", "--output-dir", str(tmp_path)]
+    result = subprocess.run(
+        [sys.executable, "-m", "ship_peft", *argv], capture_output=True, text=True, env=_env(), timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "offline default: the bundled backbone tiny-vit-fractal-1k" in out
+    assert "num_prompts              10   (offline default; method default 50)" in out
+    assert "data: digits, 800 train / 200 validation / 797 test images, 10 classes" in out
+    assert "\n| SHIP | " in out and "VPT-deep" not in out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"] == "tiny-vit-fractal-1k" and metrics["prompt_layers"][0] == 0
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "tiny-vit-fractal-1k" and config["num_prompts"] == 10
