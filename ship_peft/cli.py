@@ -445,7 +445,7 @@ def _describe(data: ImageClassificationData) -> str:
 
 def _save_adapter(ship: TrainedMethod, processor: Any, card: AdapterCard, folder: Path) -> Path:
     """The folder that ``--push-to-hub`` uploads: the adapter, the image processor and the model card."""
-    ship.model.save_pretrained(folder)
+    ship.model.save_pretrained(folder, save_embedding_layers=False)  # SHIP never changes embeddings; no Hub lookup
     processor.save_pretrained(folder)
     write_model_card(folder, card)
     return folder
@@ -596,7 +596,7 @@ def command_vtab1k(args: argparse.Namespace) -> int:
     if distributed_state().is_main_process:
         results = Path(args.results) if args.results else Path(args.output_dir) / "results.jsonl"
         append_row(results, row)
-        final.model.save_pretrained(output_dir / "adapter")
+        final.model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
         say(
             f"\n{task.name}: top-1 {row['top1']:.4f} on {row['num_test']} test images with {row['selected']}; "
             f"levels {row['prompt_layers']}. Row added to {results}."
