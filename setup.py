@@ -24,7 +24,10 @@ setup(
         "tqdm",
         "matplotlib>=3.7",
     ],
-    extras_require={"test": ["pytest>=8", "scikit-learn>=1.4", "hypothesis>=6"]},
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6"],
+        "bench": ["scikit-learn>=1.4", "scikit-image>=0.22"],
+    },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
