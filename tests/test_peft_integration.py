@@ -203,3 +203,15 @@ def test_inject_adapter_in_model_from_a_state_dict():
     state_dict = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
     injected = inject_adapter_in_model(model.peft_config["default"], tiny_vit(seed=10), state_dict=state_dict)
     assert isinstance(injected.vit, ship_peft.ShipLayer)
+
+
+def test_feature_extraction_path_for_users_of_a_bare_vit_model():
+    model = tiny_ship_model(seed=12, vit_overrides={"num_labels": 0}, modules_to_save=None)
+    outputs = model(pixel_values=pixels(), output_hidden_states=True)
+    assert outputs.logits.shape == (4, 32)  # the final CLS features (classifier is Identity)
+    assert len(outputs.hidden_states) == 5 and all(h.shape == (4, 17, 32) for h in outputs.hidden_states)
+    vit = model.get_base_model().vit
+    torch.testing.assert_close(outputs.logits, vit.base_layer.layernorm(outputs.hidden_states[-1])[:, 0])
+    plain = tiny_vit(seed=12, num_labels=0).vit(pixels(), output_hidden_states=True).hidden_states
+    assert torch.equal(outputs.hidden_states[0], plain[0])  # the embeddings: no prompts yet
+    assert not torch.allclose(outputs.hidden_states[-1], plain[-1])  # the prompts changed the image tokens
