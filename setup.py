@@ -25,7 +25,7 @@ setup(
         "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6"],
+        "test": ["pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
         "bench": ["scikit-learn>=1.4", "scikit-image>=0.22"],
     },
     classifiers=[
