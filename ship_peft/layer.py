@@ -143,13 +143,14 @@ class ShipPrompts(nn.Module):
         prompts), ``dynamic`` the attribute prompts; the prompt cache runs them separately (None if there are none).
         """
         parts = []
-        if self.level_of(layer_index) is None:
+        level = self.level_of(layer_index)
+        if level is None:
             num_shared = self.num_shared_prompts if static else 0
             if carried is not None:
                 parts.append(carried[:, : carried.shape[1] - num_shared])
         else:
             if static:
-                parts.append(self.semantic_prompts[self.level_of(layer_index)].to(dtype).expand(batch_size, -1, -1))
+                parts.append(self.semantic_prompts[level].to(dtype).expand(batch_size, -1, -1))
             if dynamic and layer_index in self.attribute_layers:
                 parts.append(self.attribute_prompts_for(layer_index, top_tokens))
         if static and self.shared_prompts is not None:
