@@ -10,6 +10,7 @@ from .config import ShipConfig
 from .layer import ShipBackboneOutput, ShipLayer, ShipPrompts
 from .model import ShipModel, get_ship_layer
 from .registration import ShipPeftType, register
+from .safe_io import CorruptAdapterFileError
 
 __version__ = "0.1.0"
 
@@ -17,6 +18,7 @@ register()
 
 __all__ = [
     "CalibrationResult",
+    "CorruptAdapterFileError",
     "ShipBackboneOutput",
     "ShipConfig",
     "ShipLayer",

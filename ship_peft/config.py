@@ -18,12 +18,15 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"ShipConfig.{name} must be >= {minimum}, got {value}.")
 
 
-def _check_float(name: str, value, low: float, high: float, low_open: bool = False) -> None:
+def _check_float(
+    name: str, value, low: float, high: float, low_open: bool = False, high_open: bool = False
+) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"ShipConfig.{name} must be a number, got {type(value).__name__} ({value!r}).")
     too_low = value <= low if low_open else value < low
-    if too_low or value > high:
-        interval = f"{'(' if low_open else '['}{low}, {high}]"
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
         raise ValueError(f"ShipConfig.{name} must lie in {interval}, got {value}.")
 
 
@@ -61,7 +64,8 @@ def check_prompt_layers(prompt_layers, num_layers: Optional[int] = None) -> None
 class ShipConfig(PeftConfig):
     """Configuration of a SHIP adapter (Zhu et al., ICASSP 2025), see ``docs/method.md``.
 
-    The defaults are the reference recipe. ``prompt_layers=None`` means the semantic levels are found by
+    The defaults are the reference recipe's method hyper-parameters (SHIP_METHOD.md §1); its training recipe (§7:
+    optimiser, schedule, stochastic depth 0.1) is the ``ship-peft`` command line's default. ``prompt_layers=None`` means the semantic levels are found by
     :func:`ship_peft.initialize_ship_weights` (calibration), which also fills the prototype bank. Switching the
     features off gives the ablations; ``share_threshold=1`` (one level per layer) with ``num_shared_prompts=0``,
     ``num_attribute_layers=0``, ``decoupled_attention=False`` and ``matching_loss_weight=0`` is plain VPT-deep.
@@ -81,6 +85,10 @@ class ShipConfig(PeftConfig):
         prompt_attention_weight: lambda, weight of the prompt softmax in decoupled attention.
         matching_loss_weight: weight of the prompt matching loss added to the loss in training (0 switches it off).
         matching_top_k: T, image tokens matched against the prompts.
+        drop_path_rate: stochastic depth of the frozen blocks in training: the residual branches of layer ``i`` of
+            ``L`` are dropped per sample with probability ``drop_path_rate * i / (L - 1)``, as in timm; no effect in
+            evaluation. 0 (the default) runs the backbone as given; the training recipe (SHIP_METHOD.md §7), and so
+            the ``ship-peft`` command line, uses 0.1.
         target_modules: the ViT backbone module to wrap; None finds it.
         modules_to_save: modules trained in full and saved with the adapter (the classifier).
     """
@@ -99,6 +107,9 @@ class ShipConfig(PeftConfig):
     prompt_attention_weight: float = field(default=0.1, metadata={"help": "lambda: prompt-attention weight."})
     matching_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the prompt matching loss."})
     matching_top_k: int = field(default=10, metadata={"help": "T: image tokens for prompt matching."})
+    drop_path_rate: float = field(
+        default=0.0, metadata={"help": "Stochastic depth of the frozen blocks in training (deepest layer's rate)."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Name of the ViT backbone module to wrap; None finds it."}
     )
@@ -120,6 +131,7 @@ class ShipConfig(PeftConfig):
         for name in ("attribute_mix", "prompt_attention_weight"):
             _check_float(name, getattr(self, name), 0.0, 1.0)
         _check_float("matching_loss_weight", self.matching_loss_weight, 0.0, float("inf"))
+        _check_float("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if not isinstance(self.decoupled_attention, bool):
             raise TypeError(f"ShipConfig.decoupled_attention must be a bool, got {self.decoupled_attention!r}.")
         if self.prompt_layers is not None:

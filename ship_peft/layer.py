@@ -79,6 +79,7 @@ class ShipPrompts(nn.Module):
         self.matching_top_k = config.matching_top_k
         self.num_attribute_prompts = config.num_attribute_prompts
         self.num_shared_prompts = config.num_shared_prompts
+        self.drop_path_rate = config.drop_path_rate
 
         self.semantic_prompts = nn.ParameterList(
             [self._xavier(config.num_prompts, hidden_size) for _ in self.prompt_layers]
@@ -197,10 +198,23 @@ def check_pixel_values(vit: ViTModel, pixel_values: torch.Tensor, interpolate_po
         )
 
 
-def _residual_update(layer: ViTLayer, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The rest of a pre-norm ViT layer after attention: ``y = x + Wo a``, ``out = y + MLP(LN2(y))``."""
-    tokens = tokens + layer.dropout(layer.attention.o_proj(attended))
-    return tokens + layer.dropout(layer.mlp(layer.layernorm_after(tokens)))
+def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
+    scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
+    if rate == 0.0:
+        return branch
+    keep = 1.0 - rate
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+    return branch * mask.div_(keep)
+
+
+def _residual_update(
+    layer: ViTLayer, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
+) -> torch.Tensor:
+    """The rest of a pre-norm ViT layer after attention: ``y = x + Wo a``, ``out = y + MLP(LN2(y))``, with
+    stochastic depth ``drop_rate`` on both residual branches."""
+    tokens = tokens + drop_path(layer.dropout(layer.attention.o_proj(attended)), drop_rate)
+    return tokens + drop_path(layer.dropout(layer.mlp(layer.layernorm_after(tokens))), drop_rate)
 
 
 def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -386,6 +400,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 prompt_attention=(index == last and not cached),
                 need_scores=need_scores,
                 static_state=static_states[index] if cached else None,
+                drop_rate=self._drop_rate(prompts, index),
             )
             if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 tokens, scores = layer._gradient_checkpointing_func(step, tokens)
@@ -400,6 +415,10 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             matching_loss = prompt_matching_loss(carried, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
         return image_tokens, matching_loss, hidden_states
 
+    def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
+        """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""
+        return prompts.drop_path_rate * index / max(self.num_layers - 1, 1) if self.training else 0.0
+
     def _layer_forward(
         self,
         layer: ViTLayer,
@@ -410,8 +429,10 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         prompt_attention: bool,
         need_scores: bool,
         static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        drop_rate: float = 0.0,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One pre-norm ViT layer on ``[image ; prompt]`` tokens with SHIP's attention (SHIP_METHOD.md §4).
+        """One pre-norm ViT layer on ``[image ; prompt]`` tokens with SHIP's attention (SHIP_METHOD.md §4) and
+        stochastic depth ``drop_rate`` (§7).
 
         Returns the layer output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
         """
@@ -419,7 +440,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         attended, scores = self._attention(
             layer.attention, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
         )
-        return _residual_update(layer, tokens, attended), scores
+        return _residual_update(layer, tokens, attended, drop_rate), scores
 
     def _attention(
         self,

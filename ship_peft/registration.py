@@ -1,17 +1,26 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Registers SHIP with PEFT: the one place where ship-peft touches PEFT's method tables.
+"""Registers SHIP with PEFT: one of the two places where ship-peft touches PEFT.
 
 PEFT 0.21's ``peft.utils.register_peft_method`` only accepts members of its own ``PeftType`` enum, which an
 out-of-tree method cannot add to without patching PEFT. So we do exactly what that function does, with the
 method's key being a member of our own ``(str, Enum)``: its value ``"SHIP"`` equals the ``"peft_type"`` written to
 ``adapter_config.json``, so PEFT's lookups by string find it, and it has a ``.value`` like PEFT's own members.
 The same checks as ``register_peft_method`` run first (key free, prefix unused), so a clash is an error, not an
-overwrite. Nothing else of PEFT is modified: LoRA and every other method keep working in the same process.
+overwrite. LoRA and every other method keep working in the same process.
+
+The only other change to PEFT is made here too, by ``safe_io.install()`` (see ``ship_peft/safe_io.py``): it wraps
+``peft.peft_model.safe_save_file`` and ``peft.config.PeftConfigMixin.save_pretrained`` so that ``save_pretrained``
+replaces ``adapter_model.safetensors`` and ``adapter_config.json`` atomically (temporary file, fsync,
+``os.replace``), and ``peft.utils.save_and_load.safe_load_file`` so that a truncated or corrupted adapter file
+raises ``safe_io.CorruptAdapterFileError`` naming the file and the fix. These wrappers apply to every PEFT method
+in the process; they write the same bytes and load the same tensors as PEFT, and installing them is idempotent.
 """
 
 from __future__ import annotations
 
 import enum
+
+from . import safe_io
 
 
 class ShipPeftType(str, enum.Enum):
@@ -25,12 +34,13 @@ SHIP_PREFIX = "ship_prompts"
 
 
 def register() -> None:
-    """Add SHIP to PEFT's config, tuner and prefix tables (idempotent)."""
+    """Add SHIP to PEFT's config, tuner and prefix tables and install ``safe_io``'s wrappers (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
     from .config import ShipConfig
     from .model import ShipModel
 
+    safe_io.install()
     key = ShipPeftType.SHIP
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(key) is ShipConfig and PEFT_TYPE_TO_TUNER_MAPPING.get(key) is ShipModel:
         return

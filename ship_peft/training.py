@@ -48,7 +48,12 @@ SHIP_HYPERPARAMETERS = (
     "prompt_attention_weight",
     "matching_loss_weight",
     "matching_top_k",
+    "drop_path_rate",
 )
+
+#: ``ShipConfig`` fields whose value in the training recipe (SHIP_METHOD.md §7) differs from the library default: the
+#: command line uses these. ``ShipConfig`` itself runs the backbone as given (no stochastic depth) unless asked.
+RECIPE_SHIP_VALUES: dict[str, Any] = {"drop_path_rate": 0.1}
 
 #: What turns SHIP into VPT-deep (SHIP_METHOD.md §3: one level per layer, no shared or attribute prompts, one joint
 #: softmax, no matching loss); ``prompt_layers`` is set to every layer.
@@ -60,14 +65,15 @@ VPT_DEEP_OVERRIDES = dict(
 @dataclass
 class TrainSettings:
     """The usual training hyper-parameters; the defaults are the reference VTAB-1k recipe (SHIP_METHOD.md §7):
-    AdamW, batch 64, 100 epochs, cosine schedule with 10 warm-up epochs down to 1e-5; lr and weight decay are the
-    reference script's defaults (it tunes them per task)."""
+    AdamW, batch 64, 100 epochs, cosine schedule to 1e-5 after 10 epochs of linear warm-up from 1e-6; lr and weight
+    decay are the reference script's defaults (it tunes them per task)."""
 
     learning_rate: float = 1e-3
     weight_decay: float = 1e-3
     epochs: float = 100
     batch_size: int = 64
     warmup_epochs: float = 10
+    warmup_start_learning_rate: float = 1e-6
     min_learning_rate: float = 1e-5
     seed: int = 42
     bf16: bool = False
@@ -84,6 +90,11 @@ class TrainSettings:
             raise InputError(
                 f"--warmup-epochs ({self.warmup_epochs}) must be >= 0 and below --epochs ({self.epochs}); give a "
                 f"smaller --warmup-epochs (the reference recipe warms up for 10 of its 100 epochs)."
+            )
+        if self.learning_rate <= 0 or self.warmup_start_learning_rate < 0 or self.min_learning_rate < 0:
+            raise InputError(
+                f"--learning-rate ({self.learning_rate}) must be > 0, --warmup-start-learning-rate "
+                f"({self.warmup_start_learning_rate}) and --min-learning-rate ({self.min_learning_rate}) >= 0."
             )
 
 
@@ -264,8 +275,9 @@ def accuracy(prediction: EvalPrediction) -> dict[str, float]:
 
 
 def training_arguments(settings: TrainSettings, output_dir: Path, evaluate_each_epoch: bool) -> TrainingArguments:
-    """``TrainingArguments`` of the recipe: AdamW, cosine to ``min_learning_rate`` after a linear warm-up, no
-    checkpoints (nothing is selected during training), progress bars and the chosen loggers."""
+    """``TrainingArguments`` of the recipe: AdamW, cosine to ``min_learning_rate`` after a linear warm-up from
+    ``warmup_start_learning_rate``, no checkpoints (nothing is selected during training), progress bars and the
+    chosen loggers."""
     return TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=settings.batch_size,
@@ -274,8 +286,11 @@ def training_arguments(settings: TrainSettings, output_dir: Path, evaluate_each_
         learning_rate=settings.learning_rate,
         weight_decay=settings.weight_decay,
         optim="adamw_torch",
-        lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": settings.min_learning_rate},
+        lr_scheduler_type="cosine_warmup_with_min_lr",
+        lr_scheduler_kwargs={
+            "min_lr": settings.min_learning_rate,
+            "warmup_lr_rate": settings.warmup_start_learning_rate / settings.learning_rate,
+        },
         warmup_steps=settings.warmup_epochs / settings.epochs,  # a float below 1 is a fraction of all steps
         seed=settings.seed,
         bf16=settings.bf16,

@@ -9,6 +9,7 @@ from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError
 
 from conftest import pixels, tiny_ship_model, tiny_vit
+from ship_peft.safe_io import CorruptAdapterFileError
 
 
 @pytest.mark.parametrize(
@@ -63,10 +64,31 @@ def test_adapter_on_another_backbone(saved_adapter, backbone, words):
         PeftModel.from_pretrained(tiny_vit(**backbone), saved_adapter)
 
 
-def test_truncated_adapter_file(saved_adapter):
-    (saved_adapter / "adapter_model.safetensors").write_bytes(b"\x10\x00")
-    with pytest.raises(SafetensorError):
+def _flip_bit(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1 :]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda data: b"\x10\x00",  # cut after two bytes
+        lambda data: data[: len(data) // 2],  # cut inside the tensor data
+        lambda data: data[:-1],  # one byte missing
+        lambda data: _flip_bit(data, 9),  # bit flip in the JSON header
+        lambda data: _flip_bit(data, 0),  # bit flip in the header length
+    ],
+    ids=["two-bytes", "half", "last-byte-missing", "header-bit-flip", "length-bit-flip"],
+)
+def test_truncated_or_corrupted_adapter_file(saved_adapter, damage):
+    path = saved_adapter / "adapter_model.safetensors"
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(CorruptAdapterFileError) as caught:
         PeftModel.from_pretrained(tiny_vit(), saved_adapter)
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, SafetensorError)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "truncated or corrupted" in message and "not a valid safetensors file" in message
+    assert "save_pretrained" in message and "force_download=True" in message
 
 
 @pytest.mark.parametrize(

@@ -338,7 +338,7 @@ def test_python_m_ship_peft_runs_the_offline_default_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "offline default: the bundled backbone tiny-vit-fractal-1k" in out
-    assert "num_prompts              10   (offline default; method default 50)" in out
+    assert "num_prompts              10   (offline default; recipe default 50)" in out
     assert "data: digits, 800 train / 200 validation / 797 test images, 10 classes" in out
     assert "\n| SHIP | " in out and "VPT-deep" not in out
     metrics = json.loads((tmp_path / "metrics.json").read_text())

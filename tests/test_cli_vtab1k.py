@@ -17,7 +17,7 @@ from test_data import save_tiny_vit, tiny_dataset_dict, tiny_images
 
 SIZES = {"train800": 8, "val200": 4, "test": 8}
 TINY = ["--num-prompts", "2", "--num-prototypes", "4", "--num-attribute-prompts", "3", "--share-threshold", "0.999"]
-TINY += ["--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0", "--no-progress"]
+TINY += ["--epochs", "1", "--batch-size", "4", "--warmup-epochs", "0", "--no-progress", "--weight-decay", "0.001"]
 
 
 def write_vtab_folder(root, task: str = "kitti", num_classes: int = 4, label_offset: int = 0):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from transformers import ResNetConfig
 
 from ship_peft import training
@@ -95,11 +96,35 @@ def test_calibration_sample_is_random_not_the_first_images():
     assert len(training.calibration_sample(dataset, 100, seed=0)) == 40
 
 
+def test_schedule_warms_up_from_1e6_then_decays_to_the_minimum(tmp_path):
+    """SHIP_METHOD.md §7: cosine schedule with 10 warm-up epochs from 1e-6 (of 100), min lr 1e-5; 10 steps an epoch."""
+    arguments = training.training_arguments(TrainSettings(learning_rate=0.1), tmp_path, evaluate_each_epoch=False)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=arguments.learning_rate)
+    total = 1000
+    scheduler = transformers.get_scheduler(  # as Trainer.create_scheduler does
+        arguments.lr_scheduler_type,
+        optimizer=optimizer,
+        num_warmup_steps=arguments.get_warmup_steps(total),
+        num_training_steps=total,
+        scheduler_specific_kwargs=arguments.lr_scheduler_kwargs,
+    )
+    rates = []
+    for _ in range(total):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-6)
+    warmup = rates[:100]
+    assert all(b > a for a, b in zip(warmup, warmup[1:])) and rates[99] == pytest.approx(0.1)
+    decay = rates[99:]
+    assert all(b <= a for a, b in zip(decay, decay[1:])) and rates[-1] == pytest.approx(1e-5, rel=0.01)
+    assert rates[550] == pytest.approx(1e-5 + (0.1 - 1e-5) / 2, rel=0.02)  # half-way down the cosine
+
+
 def test_training_arguments_follow_the_recipe(tmp_path):
     settings = TrainSettings(epochs=20, warmup_epochs=2, report_to=["tensorboard"], seed=3)
     arguments = training.training_arguments(settings, tmp_path, evaluate_each_epoch=True)
-    assert arguments.lr_scheduler_type == "cosine_with_min_lr" and arguments.lr_scheduler_kwargs == {"min_lr": 1e-5}
-    assert arguments.warmup_steps == pytest.approx(0.1) and arguments.optim == "adamw_torch"
+    assert arguments.optim == "adamw_torch"
     assert (arguments.learning_rate, arguments.weight_decay, arguments.per_device_train_batch_size) == (1e-3, 1e-3, 64)
     assert (
         arguments.eval_strategy == "epoch"
