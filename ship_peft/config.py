@@ -65,9 +65,9 @@ class ShipConfig(PeftConfig):
     """Configuration of a SHIP adapter (Zhu et al., ICASSP 2025), see ``docs/method.md``.
 
     The defaults are the reference recipe's method hyper-parameters (SHIP_METHOD.md §1); its training recipe (§7:
-    optimiser, schedule, stochastic depth 0.1) is the ``ship-peft`` command line's default. ``prompt_layers=None`` means the semantic levels are found by
-    :func:`ship_peft.initialize_ship_weights` (calibration), which also fills the prototype bank. Switching the
-    features off gives the ablations; ``share_threshold=1`` (one level per layer) with ``num_shared_prompts=0``,
+    optimiser, schedule, stochastic depth 0.1) is the ``ship-peft`` command line's default. ``prompt_layers=None``
+    means the semantic levels are found by :func:`ship_peft.initialize_ship_weights` (calibration), which also fills
+    the prototype bank. Switching the features off gives the ablations; ``share_threshold=1`` (one level per layer) with ``num_shared_prompts=0``,
     ``num_attribute_layers=0``, ``decoupled_attention=False`` and ``matching_loss_weight=0`` is plain VPT-deep.
 
     Args:

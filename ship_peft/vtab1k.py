@@ -17,14 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from accelerate.utils import broadcast_object_list
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets import Image as ImageFeature
 
 from .data import IMAGE, LABEL, InputError, find_columns, load_dataset_dict, standardize, with_pixels
-from .training import TrainedMethod, TrainSettings, predict, say, train_method
+from .safe_io import write_atomically
+from .training import TrainedMethod, TrainSettings, distributed_state, predict, say, train_method
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 SEARCH_TRAIN, SEARCH_VALIDATION, FINAL_TRAIN, TEST = SPLITS
+SEARCH_RESULT = "search.json"
 
 #: Hyper-parameters searched on train800 -> val200: TrainSettings fields and ShipConfig fields.
 GRID_SETTINGS = ("learning_rate", "weight_decay")
@@ -179,6 +182,48 @@ def _train(
     return train_method("ship", model_path, label_names, train, run_settings, run_ship, output_dir)
 
 
+def _search_run(
+    candidate: dict[str, Any],
+    model_path: str,
+    label_names: list[str],
+    data: dict[str, Dataset],
+    settings: TrainSettings,
+    ship_values: dict[str, Any],
+    run_dir: Path,
+) -> float:
+    """val200 top-1 of one search candidate trained on train800 (``data``: the task's splits).
+
+    The result is kept in ``run_dir/search.json`` with everything it depends on, so a search that was interrupted
+    and is started again with the same settings reuses the runs it finished."""
+    settings_values = dataclasses.asdict(settings)
+    record = {"candidate": candidate, "model": model_path, "settings": settings_values, "ship": ship_values}
+    record = json.loads(json.dumps(record))  # as it reads back
+    for volatile in ("show_progress", "report_to", "logging_steps", "num_workers"):  # no effect on the result
+        del record["settings"][volatile]
+    earlier = _earlier_result(run_dir / SEARCH_RESULT, record)
+    if earlier is not None:
+        say(f"  val200 top-1 {earlier:.4f}, from an earlier run ({run_dir / SEARCH_RESULT})")
+        return earlier
+    trained = _train(candidate, model_path, label_names, data[SEARCH_TRAIN], settings, ship_values, run_dir)
+    top1 = predict(trained.trainer, data[SEARCH_VALIDATION], "val200")[0]
+    if distributed_state().is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({**record, "val200_top1": top1}, indent=1)
+        write_atomically(run_dir / SEARCH_RESULT, lambda path: Path(path).write_text(text, encoding="utf-8"))
+    return top1
+
+
+def _earlier_result(path: Path, record: dict[str, Any]) -> Optional[float]:
+    """The val200 top-1 saved in ``path`` if it was obtained with exactly ``record``'s settings (read on the main
+    process and shared with the others, so that all processes take the same decision)."""
+    found = [None]
+    if distributed_state().is_main_process and path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if {key: saved.get(key) for key in record} == record:
+            found = [saved.get("val200_top1")]
+    return broadcast_object_list(found)[0]
+
+
 def run_task(
     task: VtabTask,
     splits: DatasetDict,
@@ -198,16 +243,9 @@ def run_task(
     if len(candidates) > 1:
         for index, candidate in enumerate(candidates):
             say(f"[{task.name}] search {index + 1}/{len(candidates)}: {candidate}")
-            trained = _train(
-                candidate,
-                model_path,
-                label_names,
-                data[SEARCH_TRAIN],
-                settings,
-                ship_values,
-                output_dir / "search" / str(index),
-            )
-            search.append({**candidate, "val200_top1": predict(trained.trainer, data[SEARCH_VALIDATION], "val200")[0]})
+            run_dir = output_dir / "search" / str(index)
+            top1 = _search_run(candidate, model_path, label_names, data, settings, ship_values, run_dir)
+            search.append({**candidate, "val200_top1": top1})
         best = max(search, key=lambda entry: entry["val200_top1"])  # the first of equals
         selected = {name: best[name] for name in grid}
     else:

@@ -95,6 +95,40 @@ def test_vtab1k_searches_on_val200_trains_on_1000_and_tests_once(tiny_model, tmp
     assert (output / "kitti" / "adapter" / "adapter_config.json").is_file()
 
 
+def test_an_interrupted_search_reuses_the_runs_it_finished(tiny_model, tmp_path, monkeypatch):
+    root = write_vtab_folder(tmp_path / "vtab-1k")
+    output = tmp_path / "out"
+    argv = ["vtab1k", "--task", "kitti", "--data-root", str(root), "--model", str(tiny_model)]
+    argv += ["--output-dir", str(output), "--lr", "0.001", "0.1"] + TINY
+    real_train = vtab1k.train_method
+    trained, interrupt = [], [True]
+
+    def train_method(method, model_path, label_names, train, settings, *args, **kwargs):
+        trained.append((len(train), settings.learning_rate, settings.epochs))
+        if len(trained) == 2 and interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt  # the second search run of the first attempt dies
+        return real_train(method, model_path, label_names, train, settings, *args, **kwargs)
+
+    monkeypatch.setattr(vtab1k, "train_method", train_method)
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    first = json.loads((output / "kitti" / "search" / "0" / "search.json").read_text())
+    assert first["candidate"]["learning_rate"] == 0.001
+    assert not (output / "kitti" / "search" / "1" / "search.json").exists()
+
+    trained.clear()
+    assert main(argv) == 0
+    assert [run[:2] for run in trained] == [(8, 0.1), (12, trained[-1][1])]  # lr 0.001 was not trained again
+    row = json.loads((output / "results.jsonl").read_text())
+    candidate = {"learning_rate": 0.001, "weight_decay": 0.001, "num_prompts": 2, "share_threshold": 0.999}
+    assert row["search"][0] == {**candidate, "val200_top1": first["val200_top1"]}
+
+    trained.clear()
+    assert main(argv + ["--epochs", "2"]) == 0  # other settings: the earlier runs do not count
+    assert [run[2] for run in trained] == [2, 2, 2]  # nothing reused
+
+
 def test_vtab1k_from_a_dataset_with_vtab_splits_and_a_single_candidate(tiny_model, tmp_path, capsys):
     splits = tiny_dataset_dict(SIZES, num_classes=4)
     DatasetDict(splits).save_to_disk(str(tmp_path / "vtab-kitti"))
