@@ -5,12 +5,13 @@
 # the grid is searched on train800 -> val200, the best setting is trained on train800val200, and top-1 on test at the
 # end of training is appended to OUT/results.jsonl; tasks already there are skipped. Finally the table is printed.
 #
-#   examples/vtab1k.sh /data/vtab-1k                      # ViT-B/16 in21k, the default grid, one GPU
+#   examples/vtab1k.sh /data/vtab-1k                      # ViT-B/16 in21k, the recipe's grid (144 runs a task)
 #   SHIP_PEFT="accelerate launch --num_processes 4 -m ship_peft" examples/vtab1k.sh /data/vtab-1k --batch-size 16
 #   OUT=outputs/vtab1k-k10 examples/vtab1k.sh /data/vtab-1k --num-prompts 10 --lr 0.001 0.01 0.1
 #
 # /data/vtab-1k/<task>/ holds train800.txt, val200.txt, train800val200.txt, test.txt ("relative/path label" lines)
 # and the images, the layout of the SHIP, NOAH and SSF code. Extra arguments go to every `ship-peft vtab1k` call.
+# Started again after an interruption, it skips finished tasks and reuses the finished search runs of the others.
 set -euo pipefail
 DATA_ROOT=${1:?usage: examples/vtab1k.sh VTAB_1K_ROOT [ship-peft vtab1k flags]}
 shift
