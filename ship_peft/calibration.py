@@ -277,7 +277,6 @@ def initialize_ship_weights(
     ship_prompts = layer.ship_prompts[adapter_name]
     if prototypes is not None:
         ship_prompts.prototypes.copy_(prototypes.to(ship_prompts.prototypes.dtype))
-    layer.layer_affinity = affinity.float().cpu()
     if adapter_name not in layer.active_adapters:
         ship_prompts.requires_grad_(False)
     return CalibrationResult(affinity.float().cpu(), list(prompt_layers), prototypes, inertia, features.shape[0])

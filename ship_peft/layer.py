@@ -240,7 +240,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self.ship_prompts = nn.ModuleDict({})
         self._configs: dict[str, ShipConfig] = {}
         self._checked_prototypes: set[str] = set()
-        self.layer_affinity: Optional[torch.Tensor] = None
         self.use_prompt_cache = False
         self._prompt_cache: Optional[tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]]] = None
         self._active_adapter = adapter_name
