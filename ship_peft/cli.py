@@ -13,6 +13,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -624,8 +625,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``ship-peft`` command line on ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        return args.handler(args)
-    except InputError as error:
-        print(f"ship-peft {args.command}: error: {error}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        # PEFT 0.21 still calls transformers 5's deprecated gradient-checkpointing names: nothing for a user to fix
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        try:
+            return args.handler(args)
+        except InputError as error:
+            print(f"ship-peft {args.command}: error: {error}", file=sys.stderr)
+            return 2
