@@ -177,9 +177,25 @@ def _train(
     ship_values: dict[str, Any],
     output_dir: Path,
 ) -> TrainedMethod:
-    run_settings = dataclasses.replace(settings, **{k: v for k, v in candidate.items() if k in GRID_SETTINGS})
-    run_ship = {**ship_values, **{k: v for k, v in candidate.items() if k in GRID_SHIP}}
+    run_settings, run_ship = with_candidate(candidate, settings, ship_values)
     return train_method("ship", model_path, label_names, train, run_settings, run_ship, output_dir)
+
+
+def with_candidate(
+    candidate: dict[str, Any], settings: TrainSettings, ship_values: dict[str, Any]
+) -> tuple[TrainSettings, dict[str, Any]]:
+    """The training settings and SHIP hyper-parameters with the searched values of ``candidate`` put in."""
+    run_settings = dataclasses.replace(settings, **{k: v for k, v in candidate.items() if k in GRID_SETTINGS})
+    return run_settings, {**ship_values, **{k: v for k, v in candidate.items() if k in GRID_SHIP}}
+
+
+def recipe(settings: TrainSettings, ship_values: dict[str, Any]) -> dict[str, Any]:
+    """The settings a run's result depends on, as they read back from JSON: the training settings (without those
+    that only change logging) and SHIP's hyper-parameters."""
+    settings_values = dataclasses.asdict(settings)
+    for volatile in ("show_progress", "report_to", "logging_steps", "num_workers"):
+        del settings_values[volatile]
+    return json.loads(json.dumps({"settings": settings_values, "ship": ship_values}))
 
 
 def _search_run(
@@ -195,11 +211,7 @@ def _search_run(
 
     The result is kept in ``run_dir/search.json`` with everything it depends on, so a search that was interrupted
     and is started again with the same settings reuses the runs it finished."""
-    settings_values = dataclasses.asdict(settings)
-    record = {"candidate": candidate, "model": model_path, "settings": settings_values, "ship": ship_values}
-    record = json.loads(json.dumps(record))  # as it reads back
-    for volatile in ("show_progress", "report_to", "logging_steps", "num_workers"):  # no effect on the result
-        del record["settings"][volatile]
+    record = {"candidate": candidate, "model": model_path, **recipe(settings, ship_values)}
     earlier = _earlier_result(run_dir / SEARCH_RESULT, record)
     if earlier is not None:
         say(f"  val200 top-1 {earlier:.4f}, from an earlier run ({run_dir / SEARCH_RESULT})")
@@ -266,6 +278,7 @@ def run_task(
         "batch_size": settings.batch_size,
         "seed": settings.seed,
         "trainable_parameters": final.trainable_parameters,
+        "recipe": recipe(*with_candidate(selected, settings, ship_values)),
         "protocol": "grid on train800 -> val200, final run on train800val200, top-1 on test at the end of training",
     }
     return row, final

@@ -92,6 +92,8 @@ def test_vtab1k_searches_on_val200_trains_on_1000_and_tests_once(tiny_model, tmp
     assert calls[4][2] == best and row["top1"] == calls[5][3]
     assert (row["task"], row["group"], row["num_train"], row["num_test"]) == ("kitti", "Structured", 12, 8)
     assert row["prompt_layers"] == [0, 1, 2, 3] and row["model"] == str(tiny_model)
+    assert row["recipe"]["settings"]["learning_rate"] == best and row["recipe"]["ship"]["drop_path_rate"] == 0.1
+    assert row["recipe"]["settings"]["warmup_start_learning_rate"] == 1e-6 and row["recipe"]["ship"]["num_prompts"] == 2
     assert (output / "kitti" / "adapter" / "adapter_config.json").is_file()
 
 
