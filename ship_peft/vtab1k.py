@@ -168,19 +168,6 @@ def grid_candidates(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(names, values)) for values in itertools.product(*(grid[name] for name in names))]
 
 
-def _train(
-    candidate: dict[str, Any],
-    model_path: str,
-    label_names: list[str],
-    train: Dataset,
-    settings: TrainSettings,
-    ship_values: dict[str, Any],
-    output_dir: Path,
-) -> TrainedMethod:
-    run_settings, run_ship = with_candidate(candidate, settings, ship_values)
-    return train_method("ship", model_path, label_names, train, run_settings, run_ship, output_dir)
-
-
 def with_candidate(
     candidate: dict[str, Any], settings: TrainSettings, ship_values: dict[str, Any]
 ) -> tuple[TrainSettings, dict[str, Any]]:
@@ -216,7 +203,8 @@ def _search_run(
     if earlier is not None:
         say(f"  val200 top-1 {earlier:.4f}, from an earlier run ({run_dir / SEARCH_RESULT})")
         return earlier
-    trained = _train(candidate, model_path, label_names, data[SEARCH_TRAIN], settings, ship_values, run_dir)
+    run_settings, run_ship = with_candidate(candidate, settings, ship_values)
+    trained = train_method("ship", model_path, label_names, data[SEARCH_TRAIN], run_settings, run_ship, run_dir)
     top1 = predict(trained.trainer, data[SEARCH_VALIDATION], "val200")[0]
     if distributed_state().is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -263,7 +251,10 @@ def run_task(
     else:
         selected = candidates[0]
     say(f"[{task.name}] final run on train800val200 with {selected}")
-    final = _train(selected, model_path, label_names, data[FINAL_TRAIN], settings, ship_values, output_dir / "final")
+    final_settings, final_ship = with_candidate(selected, settings, ship_values)
+    final = train_method(
+        "ship", model_path, label_names, data[FINAL_TRAIN], final_settings, final_ship, output_dir / "final"
+    )
     row = {
         "task": task.name,
         "group": task.group,
@@ -278,7 +269,7 @@ def run_task(
         "batch_size": settings.batch_size,
         "seed": settings.seed,
         "trainable_parameters": final.trainable_parameters,
-        "recipe": recipe(*with_candidate(selected, settings, ship_values)),
+        "recipe": recipe(final_settings, final_ship),
         "protocol": "grid on train800 -> val200, final run on train800val200, top-1 on test at the end of training",
     }
     return row, final
