@@ -307,11 +307,14 @@ def training_arguments(settings: TrainSettings, output_dir: Path, evaluate_each_
 
 
 def _device_arguments() -> dict[str, Any]:
-    """``TrainingArguments`` that follow the hardware: pinned memory only with CUDA, gloo for CPU processes."""
+    """``TrainingArguments`` that follow the hardware: pinned memory only with CUDA, gloo for CPU processes. Every
+    trainable tensor of SHIP, VPT-deep and the linear probe takes part in every training forward, so DDP need not
+    search the autograd graph for unused parameters each step (the ``Trainer`` would, for a ``PeftModel``)."""
     return {
         "dataloader_pin_memory": torch.cuda.is_available(),
         "use_cpu": cpu_processes(),
         "ddp_backend": "gloo" if cpu_processes() else None,
+        "ddp_find_unused_parameters": False,
     }
 
 

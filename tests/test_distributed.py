@@ -7,6 +7,7 @@ cores); the single-process references run in this process with the same function
 ``torch.distributed``/gloo is unavailable, or with ``SHIP_PEFT_SKIP_DISTRIBUTED=1``; ``.ci/run`` runs it.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,40 @@ def test_distributed_only_rank_zero_writes_files(distributed_run):
     assert {path.name for path in (output_dir / "adapter").iterdir()} >= {
         "adapter_config.json", "adapter_model.safetensors",
     }  # fmt: skip
+
+
+def _launch(argv: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``ship-peft`` under ``torchrun --standalone`` with 2 CPU processes; fails the test if it hangs."""
+    environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD_SIZE)]
+    try:
+        completed = subprocess.run(
+            [*command, "-m", "ship_peft", *argv], env=environment, capture_output=True, text=True, timeout=timeout
+        )
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the distributed run hung (> {timeout} s); output:\n{(error.stdout or '')[-3000:]}")
+    assert completed.returncode == 0, (completed.stdout + completed.stderr)[-6000:]
+    return completed
+
+
+def test_vtab1k_search_under_two_processes_resumes_where_it_stopped(tmp_path):
+    """The main process decides which search runs are already done and tells the other: both take the same path
+    (a disagreement would hang the collective calls), every setting is chosen once, and DDP finds no unused
+    trainable parameter."""
+    from test_cli_vtab1k import TINY, write_vtab_folder
+    from test_data import save_tiny_vit
+
+    model = save_tiny_vit(tmp_path / "model", num_labels=4)
+    output = tmp_path / "out"
+    argv = ["vtab1k", "--task", "kitti", "--data-root", str(write_vtab_folder(tmp_path / "vtab-1k"))]
+    argv += ["--model", str(model), "--output-dir", str(output), "--lr", "0.001", "0.1", *TINY]
+    first = _launch(argv)
+    assert "find_unused_parameters=True" not in first.stderr
+    search = output / "kitti" / "search"
+    assert sorted(path.parent.name for path in search.glob("*/search.json")) == ["0", "1"]
+    (search / "1" / "search.json").unlink()  # as if the run had stopped during the second search run
+
+    second = _launch(argv)
+    assert second.stdout.count("from an earlier run") == 1  # run 0 reused, said once (by the main process)
+    rows = [json.loads(line) for line in (output / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["search"] == rows[1]["search"] and rows[0]["selected"] == rows[1]["selected"]
