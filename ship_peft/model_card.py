@@ -103,7 +103,7 @@ def model_card(card: AdapterCard) -> str:
         f"K = {config.num_prompts} per level, S = {config.num_shared_prompts} shared, A = "
         f"{config.num_attribute_prompts} attribute, M = {config.num_prototypes} prototypes, λ = "
         f"{config.prompt_attention_weight}, β = {config.attribute_mix}, matching loss weight "
-        f"{config.matching_loss_weight}"
+        f"{config.matching_loss_weight}, stochastic depth {config.drop_path_rate}"
     )
     return f"""{_metadata(card)}
 

@@ -63,11 +63,13 @@ def metadata(text: str) -> dict:
 
 
 def test_card_says_what_the_adapter_is():
-    config = ship_peft.ShipConfig(num_prompts=7, prompt_layers=[0, 2, 4, 6, 8, 11], share_threshold=0.93)
+    config = ship_peft.ShipConfig(
+        num_prompts=7, prompt_layers=[0, 2, 4, 6, 8, 11], share_threshold=0.93, drop_path_rate=0.1
+    )
     text = model_card(card_for(config, "google/vit-base-patch16-224-in21k", repo_id="me/ship-flowers"))
     assert "# SHIP adapter: google/vit-base-patch16-224-in21k on someone/flowers" in text
     assert "6, starting at layers `[0, 2, 4, 6, 8, 11]` (found by calibration with share_threshold α = 0.93)" in text
-    assert "attribute layers | `[8, 11]`" in text and "K = 7 per level" in text
+    assert "attribute layers | `[8, 11]`" in text and "K = 7 per level" in text and "stochastic depth 0.1 |" in text
     assert (
         "| SHIP (this adapter) | 0.8125 |" in text
         and "| VPT-deep | 0.5000 |" in text
