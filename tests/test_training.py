@@ -137,6 +137,9 @@ def test_training_arguments_follow_the_recipe(tmp_path):
         TrainSettings(epochs=20, warmup_epochs=20)
     with pytest.raises(InputError, match=r"--epochs \(0\) must be > 0"):
         TrainSettings(epochs=0)
+    for bad in (dict(learning_rate=0.0), dict(warmup_start_learning_rate=-1e-6), dict(min_learning_rate=-1.0)):
+        with pytest.raises(InputError, match=r"--learning-rate \(.*\) must be > 0, --warmup-start-learning-rate"):
+            TrainSettings(**bad)
 
 
 def test_ship_run_logs_cross_entropy_and_matching_loss_separately(tiny_data):
