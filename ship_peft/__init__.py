@@ -7,7 +7,7 @@
 
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 from .config import ShipConfig
-from .layer import ShipBackboneOutput, ShipLayer, ShipPrompts
+from .layer import ShipLayer, ShipPrompts
 from .model import ShipModel, get_ship_layer
 from .registration import ShipPeftType, register
 from .safe_io import CorruptAdapterFileError
@@ -19,7 +19,6 @@ register()
 __all__ = [
     "CalibrationResult",
     "CorruptAdapterFileError",
-    "ShipBackboneOutput",
     "ShipConfig",
     "ShipLayer",
     "ShipModel",

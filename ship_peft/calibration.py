@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Calibration (SHIP_METHOD.md §3): layer affinity, semantic levels and k-means prototypes from training data.
+"""Calibration (``docs/method.md`` §1): layer affinity, semantic levels and k-means prototypes from training data.
 
 Like PEFT's data-driven LoRA initialisers (EVA: ``get_peft_model`` then ``initialize_lora_eva_weights``), it runs
 after ``get_peft_model``::
@@ -182,16 +182,23 @@ def collect_cls_features(
     batch_size: int = 64,
     show_progress: bool = True,
 ) -> torch.Tensor:
-    """CLS token of every layer's output (residual stream, before the final LayerNorm) of the plain backbone.
+    """CLS token of every block's output (residual stream, before the final norm) of the plain backbone.
 
-    Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``. Under ``torch.distributed`` each
-    process reads its own share of the data and the features of all processes are gathered, in rank order.
+    The model runs with its adapters disabled, in eval mode; forward hooks on the backbone's blocks read the CLS
+    token (position 0). Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``. Under
+    ``torch.distributed`` each process reads its own share of the data and the features of all processes are
+    gathered, in rank order.
     """
     layer = get_ship_layer(model)
-    backbone = layer.base_layer
-    device = next(backbone.parameters()).device
-    was_training = backbone.training
-    backbone.eval()
+    device = next(layer.base_layer.parameters()).device
+    was_training, was_disabled = model.training, layer.disable_adapters
+    per_block: list[torch.Tensor] = []
+    handles = [
+        block.register_forward_hook(lambda module, inputs, output: per_block.append(_tensor(output)[:, 0]))
+        for block in layer.blocks
+    ]
+    model.eval()
+    layer._disable_adapters = True
     features: list[torch.Tensor] = []
     count = 0
     total = min(max_samples, _num_images(data) or max_samples)
@@ -199,20 +206,28 @@ def collect_cls_features(
     try:
         for pixel_values in _pixel_batches(data, batch_size):
             pixel_values = pixel_values[: max_samples - count].to(device)
-            outputs = backbone(pixel_values, output_hidden_states=True)
-            features.append(torch.stack([h[:, 0] for h in outputs.hidden_states[1:]], dim=1).float())
+            per_block.clear()
+            model(pixel_values)
+            features.append(torch.stack(per_block, dim=1).float())
             count += pixel_values.shape[0]
             progress.update(pixel_values.shape[0])
             if count >= max_samples:
                 break
     finally:
         progress.close()
-        backbone.train(was_training)
+        for handle in handles:
+            handle.remove()
+        layer._disable_adapters = was_disabled
+        model.train(was_training)
     local = torch.cat(features) if features else None
-    gathered = _gather_across_processes(local, len(backbone.layers), backbone.config.hidden_size, device)
+    gathered = _gather_across_processes(local, layer.num_layers, layer.hidden_size, device)
     if gathered is None or gathered.shape[0] == 0:
         raise ValueError("Calibration got no images: the data loader or dataset is empty.")
     return gathered[:max_samples]
+
+
+def _tensor(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _gather_across_processes(

@@ -89,8 +89,10 @@ class ShipConfig(PeftConfig):
             ``L`` are dropped per sample with probability ``drop_path_rate * i / (L - 1)``, as in timm; no effect in
             evaluation. 0 (the default) runs the backbone as given; the training recipe (SHIP_METHOD.md §7), and so
             the ``ship-peft`` command line, uses 0.1.
-        target_modules: the ViT backbone module to wrap; None finds it.
-        modules_to_save: modules trained in full and saved with the adapter (the classifier).
+        target_modules: the backbone's block sequence to wrap (``vit.layers``, ``dinov2.encoder.layer``, timm's
+            ``blocks``, ...); None finds it.
+        modules_to_save: modules trained in full and saved with the adapter; None takes the model's classifiers
+            (``classifier``; DeiT with teacher: ``cls_classifier`` and ``distillation_classifier``; timm: ``head``).
     """
 
     num_prompts: int = field(default=50, metadata={"help": "K: semantic-independent prompts per level."})
@@ -111,12 +113,12 @@ class ShipConfig(PeftConfig):
         default=0.0, metadata={"help": "Stochastic depth of the frozen blocks in training (deepest layer's rate)."}
     )
     target_modules: Optional[Union[list[str], str]] = field(
-        default=None, metadata={"help": "Name of the ViT backbone module to wrap; None finds it."}
+        default=None, metadata={"help": "The backbone's block sequence to wrap; None finds it."}
     )
     target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unused by SHIP (PEFT API)."})
     modules_to_save: Optional[list[str]] = field(
-        default_factory=lambda: ["classifier"],
-        metadata={"help": "Modules trained in full and saved with the adapter."},
+        default=None,
+        metadata={"help": "Modules trained in full and saved with the adapter; None takes the model's classifiers."},
     )
 
     def __post_init__(self):

@@ -1,41 +1,27 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""SHIP's forward pass on a transformers ViT backbone (SHIP_METHOD.md §4-§5, see ``docs/method.md``).
+"""SHIP's forward pass (``docs/method.md`` §2-§4) on any supported backbone family.
 
-:class:`ShipPrompts` holds one adapter's tensors; :class:`ShipLayer` is the PEFT tuner layer that wraps a
-``ViTModel`` and runs its embeddings, layers and final LayerNorm with prompt tokens appended after the image tokens.
-The pre-trained weights are used as they are and never modified.
+:class:`ShipPrompts` holds one adapter's tensors; :class:`ShipLayer` is the PEFT tuner layer that wraps a backbone's
+block sequence and runs its blocks with prompt tokens appended after the image tokens, through the family's seam
+(:mod:`ship_peft.backbones`). The pre-trained weights are used as they are and never modified.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.vit.modeling_vit import ViTLayer, ViTModel, eager_attention_forward
 
+from .backbones import Backbone
 from .config import ShipConfig
 from .registration import SHIP_PREFIX
 
 #: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
 COSINE_EPS = 1e-8
-
-
-@dataclass
-class ShipBackboneOutput(BaseModelOutputWithPooling):
-    """``ViTModel`` output plus SHIP's prompt matching loss (set in training mode when its weight is > 0).
-
-    ``last_hidden_state`` holds the image tokens only (the prompt tokens are dropped after the last layer), so it has
-    the backbone's usual shape.
-    """
-
-    matching_loss: Optional[torch.Tensor] = None
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -162,42 +148,6 @@ class ShipPrompts(nn.Module):
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
-def _split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """``[B, n, H*d]`` -> ``[B, H, n, d]`` (the layout of transformers' attention functions)."""
-    return states.view(*states.shape[:2], -1, head_dim).transpose(1, 2)
-
-
-def _merge_heads(attention_output: torch.Tensor) -> torch.Tensor:
-    """``[B, n, H, d]`` (what transformers' attention functions return) -> ``[B, n, H*d]``."""
-    return attention_output.reshape(*attention_output.shape[:2], -1)
-
-
-def check_pixel_values(vit: ViTModel, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> None:
-    """Clear errors for images the backbone cannot take: wrong rank, channels, size, or non-finite values."""
-    config = vit.config
-    if pixel_values.ndim != 4:
-        raise ValueError(
-            f"pixel_values must be a [batch, channels, height, width] tensor, got shape {tuple(pixel_values.shape)}; "
-            f"prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)."
-        )
-    channels, height, width = pixel_values.shape[1:]
-    if channels != config.num_channels:
-        raise ValueError(
-            f"The images have {channels} channels but the backbone expects {config.num_channels}; convert them "
-            f"(e.g. `image.convert('RGB')`) before the image processor."
-        )
-    expected = tuple(vit.embeddings.patch_embeddings.image_size)
-    if not interpolate_pos_encoding and (height, width) != expected:
-        raise ValueError(
-            f"The images are {height}x{width} but the backbone takes {expected[0]}x{expected[1]}; resize them with "
-            f"the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
-        )
-    if not torch.isfinite(pixel_values).all():
-        raise ValueError(
-            "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std)."
-        )
-
-
 def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
     """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
     scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
@@ -208,15 +158,6 @@ def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
     return branch * mask.div_(keep)
 
 
-def _residual_update(
-    layer: ViTLayer, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
-) -> torch.Tensor:
-    """The rest of a pre-norm ViT layer after attention: ``y = x + Wo a``, ``out = y + MLP(LN2(y))``, with
-    stochastic depth ``drop_rate`` on both residual branches."""
-    tokens = tokens + drop_path(layer.dropout(layer.attention.o_proj(attended)), drop_rate)
-    return tokens + drop_path(layer.dropout(layer.mlp(layer.layernorm_after(tokens))), drop_rate)
-
-
 def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
     """Pre-softmax attention scores of the CLS query over ``key``, averaged over heads: ``[B, H, N, d]`` -> ``[B, N]``.
 
@@ -225,34 +166,62 @@ def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.
     return (query[:, :, :1] @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
 
 
-class ShipLayer(nn.Module, BaseTunerLayer):
-    """PEFT tuner layer that runs a transformers ``ViTModel`` with SHIP prompts.
+def replay_forward_hooks(block: nn.Module, image_input: torch.Tensor, image_output: torch.Tensor) -> None:
+    """Show ``block``'s forward hooks the image tokens SHIP ran through it, as if the block itself had run.
 
-    With adapters disabled (``PeftModel.disable_adapter()``) it is the plain backbone. Attention goes through
-    transformers' attention function of the backbone's ``attn_implementation`` (sdpa, eager, ...).
+    transformers records ``output_hidden_states`` with such hooks, so its layout (image tokens only) is kept; users'
+    feature hooks on a block see the same.
+    """
+    for hook_id, hook in list(block._forward_hooks.items()):
+        if hook_id in block._forward_hooks_with_kwargs:
+            hook(block, (image_input,), {}, image_output)
+        else:
+            hook(block, (image_input,), image_output)
+
+
+class ShipLayer(nn.Module, BaseTunerLayer):
+    """PEFT tuner layer that runs a backbone's block sequence with SHIP prompts.
+
+    It replaces the block sequence in its host (``vit.layers``, ``dinov2.encoder.layer``, timm's ``blocks``, ...).
+    The host iterates over it as over its blocks and finds one block: this layer, which takes the image tokens the
+    host's embeddings made and returns the image tokens after the last block, so the host's final norm, pooler and
+    head run as usual. With adapters disabled (``PeftModel.disable_adapter()``) it runs the plain blocks.
+
+    During a ``PeftModel`` call, :class:`~ship_peft.ShipModel` collects the matching loss in ``matching_losses``.
     """
 
     adapter_layer_names = (SHIP_PREFIX,)
 
-    def __init__(self, base_layer: ViTModel, adapter_name: str, config: ShipConfig):
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ShipConfig, backbone: Backbone):
         super().__init__()
         self.base_layer = base_layer
+        self.backbone = backbone
         self.ship_prompts = nn.ModuleDict({})
         self._configs: dict[str, ShipConfig] = {}
         self._checked_prototypes: set[str] = set()
         self.use_prompt_cache = False
         self._prompt_cache: Optional[tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]]] = None
+        self.matching_losses: Optional[list[torch.Tensor]] = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config)
 
+    def __iter__(self) -> Iterator[nn.Module]:
+        """The host loops over its block sequence: SHIP runs all blocks as one."""
+        return iter((self,))
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's blocks, in order."""
+        return list(self.base_layer)
+
     @property
     def num_layers(self) -> int:
-        return len(self.base_layer.layers)
+        return len(self.base_layer)
 
     @property
     def hidden_size(self) -> int:
-        return self.base_layer.config.hidden_size
+        return self.backbone.hidden_size(self.blocks[0])
 
     def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
         """(Re)build adapter ``adapter_name`` for ``config``; without ``prompt_layers`` it waits for calibration."""
@@ -289,45 +258,20 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             self._checked_prototypes.add(name)
         return prompts
 
-    def forward(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: Optional[torch.BoolTensor] = None,
-        interpolate_pos_encoding: Optional[bool] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        output_hidden_states: Optional[bool] = None,
-        **kwargs: Any,
-    ):
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``hidden_states`` ``[B, N, D]``: the image tokens entering the first block; returns those after the last.
+
+        Further arguments are what the host passes to each block; SHIP takes no attention mask.
+        """
         if self.disable_adapters or not self.active_adapters:
-            return self.base_layer(
-                pixel_values,
-                bool_masked_pos=bool_masked_pos,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                attention_mask=attention_mask,
-                output_hidden_states=output_hidden_states,
-                **kwargs,
-            )
-        if kwargs.get("output_attentions"):
-            raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")
+            return self.backbone.run_blocks(self, hidden_states, *args, **kwargs)
+        check_block_arguments(args, kwargs)
         prompts = self._prompts_for_forward()
-        vit = self.base_layer
-        check_pixel_values(vit, pixel_values, bool(interpolate_pos_encoding))
-        pixel_values = pixel_values.to(vit.embeddings.patch_embeddings.projection.weight.dtype)
-        image_tokens = vit.embeddings(
-            pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=interpolate_pos_encoding
-        )
-        static_states = self._static_states(prompts, image_tokens) if self._cache_applies(prompts) else None
-        image_tokens, matching_loss, hidden_states = self._encode(
-            image_tokens, prompts, bool(output_hidden_states), static_states
-        )
-        sequence_output = vit.layernorm(image_tokens)
-        pooled_output = vit.pooler(sequence_output) if vit.pooler is not None else None
-        return ShipBackboneOutput(
-            last_hidden_state=sequence_output,
-            pooler_output=pooled_output,
-            hidden_states=hidden_states,
-            matching_loss=matching_loss,
-        )
+        static_states = self._static_states(prompts, hidden_states) if self._cache_applies(prompts) else None
+        image_tokens, matching_loss = self._encode(hidden_states, prompts, static_states)
+        if matching_loss is not None and self.matching_losses is not None:
+            self.matching_losses.append(matching_loss)
+        return image_tokens
 
     def _cache_applies(self, prompts: ShipPrompts) -> bool:
         return self.use_prompt_cache and not self.training and prompts.decoupled_attention
@@ -335,7 +279,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
     def _static_states(
         self, prompts: ShipPrompts, image_tokens: torch.Tensor
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of the semantic and shared prompts entering every layer (SHIP_METHOD.md §6), cached.
+        """Keys and values of the semantic and shared prompts entering every layer (``docs/method.md``), cached.
 
         With decoupled attention these tokens never attend to the image (they bypass attention in every layer but
         the last, whose prompt outputs do not reach the logits), so they are the same for every input. The cache is
@@ -356,25 +300,20 @@ class ShipLayer(nn.Module, BaseTunerLayer):
 
     def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
         states, carried = [], None
-        for index, layer in enumerate(self.base_layer.layers):
+        for index, block in enumerate(self.blocks):
             tokens = prompts.layer_prompts(index, carried, None, 1, dtype, dynamic=False)
-            normed = layer.layernorm_before(tokens)
-            head_dim = layer.attention.head_dim
-            key = _split_heads(layer.attention.k_proj(normed), head_dim)
-            value = _split_heads(layer.attention.v_proj(normed), head_dim)
-            states.append((key, value))
-            carried = _residual_update(layer, tokens, normed)  # prompts bypass attention: a_p = LN1(p)
+            normed = self.backbone.norm1(block, tokens)
+            states.append(self.backbone.key_value(block, normed))
+            carried = self._residual_update(block, tokens, normed)  # prompts bypass attention: a_p = LN1(p)
         return states
 
     def _encode(
         self,
         image_tokens: torch.Tensor,
         prompts: ShipPrompts,
-        output_hidden_states: bool,
         static_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[tuple[torch.Tensor, ...]]]:
-        """Run every layer with its prompts; returns the last layer's image tokens, the matching loss and (if asked)
-        the image tokens entering every layer plus the last output, as transformers' ``hidden_states``.
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Run every block with its prompts; returns the last block's image tokens and the matching loss.
 
         With ``static_states`` (the prompt cache, eval only) the semantic and shared prompts are not run: their keys
         and values per layer are given, and only the attribute prompts travel with the image tokens.
@@ -383,9 +322,9 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         last = self.num_layers - 1
         cached = static_states is not None
         want_matching = self.training and prompts.matching_loss_weight > 0
-        hidden_states = (image_tokens,) if output_hidden_states else None
+        checkpoint = self.backbone.gradient_checkpointing(self) if self.training and torch.is_grad_enabled() else None
         carried, top_tokens, matching_loss = None, None, None
-        for index, layer in enumerate(self.base_layer.layers):
+        for index, block in enumerate(self.blocks):
             prompt_tokens = prompts.layer_prompts(
                 index, carried, top_tokens, batch_size, image_tokens.dtype, static=not cached
             )
@@ -393,7 +332,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             need_scores = (index + 1) in prompts.attribute_layers or (index == last and want_matching)
             step = partial(
                 self._layer_forward,
-                layer,
+                block,
                 num_image_tokens=num_image_tokens,
                 prompts=prompts,
                 prompt_attention=(index == last and not cached),
@@ -401,26 +340,30 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 static_state=static_states[index] if cached else None,
                 drop_rate=self._drop_rate(prompts, index),
             )
-            if layer.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                tokens, scores = layer._gradient_checkpointing_func(step, tokens)
-            else:
-                tokens, scores = step(tokens)
+            tokens, scores = checkpoint(step, tokens) if checkpoint is not None else step(tokens)
+            replay_forward_hooks(block, image_tokens, tokens[:, :num_image_tokens])
             image_tokens, carried = tokens[:, :num_image_tokens], tokens[:, num_image_tokens:]
             if (index + 1) in prompts.attribute_layers:
                 top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
-            if hidden_states is not None:
-                hidden_states += (image_tokens,)
         if want_matching:
             matching_loss = prompt_matching_loss(carried, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
-        return image_tokens, matching_loss, hidden_states
+        return image_tokens, matching_loss
 
     def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
         """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""
         return prompts.drop_path_rate * index / max(self.num_layers - 1, 1) if self.training else 0.0
 
+    def _residual_update(
+        self, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
+    ) -> torch.Tensor:
+        """The rest of a pre-norm block after attention: ``y = x + branch_attn(a)``, ``out = y + branch_mlp(y)``, with
+        SHIP's stochastic depth ``drop_rate`` on both residual branches."""
+        tokens = tokens + drop_path(self.backbone.attention_branch(block, attended), drop_rate)
+        return tokens + drop_path(self.backbone.mlp_branch(block, tokens), drop_rate)
+
     def _layer_forward(
         self,
-        layer: ViTLayer,
+        block: nn.Module,
         tokens: torch.Tensor,
         *,
         num_image_tokens: int,
@@ -430,20 +373,20 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
         drop_rate: float = 0.0,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One pre-norm ViT layer on ``[image ; prompt]`` tokens with SHIP's attention (SHIP_METHOD.md §4) and
-        stochastic depth ``drop_rate`` (§7).
+        """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
+        stochastic depth ``drop_rate`` (§6).
 
-        Returns the layer output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
+        Returns the block output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
         """
-        normed = layer.layernorm_before(tokens)
+        normed = self.backbone.norm1(block, tokens)
         attended, scores = self._attention(
-            layer.attention, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
+            block, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
         )
-        return _residual_update(layer, tokens, attended, drop_rate), scores
+        return self._residual_update(block, tokens, attended, drop_rate), scores
 
     def _attention(
         self,
-        attention: nn.Module,
+        block: nn.Module,
         normed: torch.Tensor,
         num_image_tokens: int,
         prompts: ShipPrompts,
@@ -451,51 +394,36 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         need_scores: bool,
         static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention output (before ``o_proj``) for every token, ``[B, N+P, H*d]``, and the CLS scores if asked.
+        """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
+        asked.
 
         ``static_state`` holds cached prompt keys and values ``[1, H, P_static, d]`` that join the prompt keys.
         """
-        head_dim = attention.head_dim
-        attend = self._attend_function(attention)
+        backbone = self.backbone
         queries_all = prompt_attention or not prompts.decoupled_attention
-        query = _split_heads(attention.q_proj(normed if queries_all else normed[:, :num_image_tokens]), head_dim)
-        key = _split_heads(attention.k_proj(normed), head_dim)
-        value = _split_heads(attention.v_proj(normed), head_dim)
+        query = backbone.query(block, normed if queries_all else normed[:, :num_image_tokens])
+        key, value = backbone.key_value(block, normed)
         image_query = query[:, :, :num_image_tokens]
         image_key, prompt_key = key[:, :, :num_image_tokens], key[:, :, num_image_tokens:]
         image_value, prompt_value = value[:, :, :num_image_tokens], value[:, :, num_image_tokens:]
-        scores = cls_scores(image_query, image_key, attention.scaling) if need_scores else None
+        scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
         if static_state is not None:
             batch_size = normed.shape[0]
             prompt_key = torch.cat([static_state[0].expand(batch_size, -1, -1, -1), prompt_key], dim=2)
             prompt_value = torch.cat([static_state[1].expand(batch_size, -1, -1, -1), prompt_value], dim=2)
 
         if not prompts.decoupled_attention:
-            return _merge_heads(attend(query, key, value)), scores
+            return backbone.attend(block, query, key, value), scores
 
         weight = prompts.prompt_attention_weight
-        image_output = (1.0 - weight) * attend(image_query, image_key, image_value) + weight * attend(
-            image_query, prompt_key, prompt_value
+        image_output = (1.0 - weight) * backbone.attend(block, image_query, image_key, image_value) + weight * (
+            backbone.attend(block, image_query, prompt_key, prompt_value)
         )
         if prompt_attention:
-            prompt_output = _merge_heads(attend(query[:, :, num_image_tokens:], key, value))
+            prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
         else:
             prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
-        return torch.cat([_merge_heads(image_output), prompt_output], dim=1), scores
-
-    def _attend_function(self, attention: nn.Module) -> Callable[..., torch.Tensor]:
-        """``softmax(q k^T * scale) v`` through transformers' attention function of the backbone's
-        ``attn_implementation``, with the backbone's attention dropout; returns ``[B, n, H, d]``."""
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.base_layer.config._attn_implementation, eager_attention_forward
-        )
-        dropout = attention.attention_dropout if self.training else 0.0
-
-        def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-            output, _ = interface(attention, query, key, value, None, dropout=dropout, scaling=attention.scaling)
-            return output
-
-        return attend
+        return torch.cat([image_output, prompt_output], dim=1), scores
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(
@@ -509,3 +437,16 @@ class ShipLayer(nn.Module, BaseTunerLayer):
     def __repr__(self) -> str:
         return "ship." + super().__repr__()
 
+
+def check_block_arguments(args: tuple, kwargs: dict) -> None:
+    """Clear errors for what the host passes to its blocks that SHIP cannot honour (masks, attention maps)."""
+    masks = [arg for arg in args if arg is not None] + [
+        kwargs[name] for name in ("attention_mask", "attn_mask") if kwargs.get(name) is not None
+    ]
+    if masks or kwargs.get("is_causal"):
+        raise NotImplementedError(
+            "SHIP attends over all image and prompt tokens and takes no attention mask; call the model without "
+            "`attention_mask`."
+        )
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")

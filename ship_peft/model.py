@@ -13,36 +13,50 @@ from peft.tuners.tuners_utils import BaseTuner
 import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
-from transformers.models.vit.modeling_vit import ViTModel
 
+from .backbones import FAMILIES, Backbone, family_of, find_hosts, supported_families
 from .config import ShipConfig, check_prompt_layers
 from .layer import ShipLayer
 from .registration import SHIP_PREFIX
 
-SUPPORTED_BACKBONES = ("transformers ViTForImageClassification (any model holding a ViTModel as a submodule)",)
-
-
-def find_backbone_name(model: nn.Module) -> str:
-    """Name of the one ``ViTModel`` inside ``model``, or a clear error naming what is supported."""
-    names = [name for name, module in model.named_modules() if isinstance(module, (ViTModel, ShipLayer))]
-    names = [name for name in names if not name.endswith(".base_layer")]
-    if not names or names == [""]:
-        hint = (
-            " A bare ViTModel cannot be wrapped by PEFT (it is the root); for features use "
-            "`ViTForImageClassification.from_pretrained(name, num_labels=0)`, whose logits are the CLS features."
-            if names == [""]
-            else ""
-        )
+def find_blocks(model: nn.Module) -> tuple[str, type[Backbone]]:
+    """Name of the one block sequence SHIP wraps in ``model`` and its family, or a clear error naming the supported
+    families."""
+    hosts = [(name, family) for name, module, family in find_hosts(model) if not _inside_ship_layer(model, name)]
+    if not hosts:
         raise TypeError(
-            f"SHIP does not support {type(model).__name__}. Supported backbones: {', '.join(SUPPORTED_BACKBONES)}."
-            + hint
+            f"SHIP does not support {type(model).__name__}: it holds no Vision Transformer of a supported family. "
+            f"Supported: {supported_families()}."
         )
-    if len(names) > 1:
+    if len(hosts) > 1:
+        names = [_join(name, family.blocks_path) for name, family in hosts]
         raise TypeError(
-            f"{type(model).__name__} holds several ViT backbones ({names}); choose one with "
+            f"{type(model).__name__} holds several Vision Transformers ({names}); choose one with "
             f"`ShipConfig(target_modules=[name])`."
         )
-    return names[0]
+    name, family = hosts[0]
+    return _join(name, family.blocks_path), family
+
+
+def _join(host_name: str, blocks_path: str) -> str:
+    return f"{host_name}.{blocks_path}" if host_name else blocks_path
+
+
+def _inside_ship_layer(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    return any(isinstance(model.get_submodule(".".join(parts[:i])), ShipLayer) for i in range(1, len(parts)))
+
+
+def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def host_of(model: nn.Module, blocks_name: str, family: type[Backbone]) -> nn.Module:
+    """The module holding the block sequence ``blocks_name``."""
+    return model.get_submodule(blocks_name[: -len(family.blocks_path)].rstrip("."))
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,18 +120,40 @@ class ShipModel(BaseTuner):
 
     prefix: str = SHIP_PREFIX
     tuner_layer_cls = ShipLayer
+    #: the unweighted matching loss of the last training forward (None otherwise); models that return logits only
+    #: (timm) add ``matching_loss_weight * last_matching_loss`` to their loss themselves.
+    last_matching_loss: Optional[torch.Tensor] = None
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config  # the backbone is found from the model itself in `_prepare_model`
 
     def _prepare_model(self, peft_config: ShipConfig, model: nn.Module) -> None:
+        if isinstance(peft_config.target_modules, str):
+            peft_config.target_modules = [peft_config.target_modules]
         if peft_config.target_modules is None:
-            peft_config.target_modules = [find_backbone_name(model)]
-        backbone = model.get_submodule(peft_config.target_modules[0])
-        if isinstance(backbone, ShipLayer):
-            backbone = backbone.base_layer
+            peft_config.target_modules = [find_blocks(model)[0]]
+        blocks = model.get_submodule(peft_config.target_modules[0])
+        if isinstance(blocks, ShipLayer):
+            blocks = blocks.base_layer
+        if peft_config.modules_to_save is None:
+            family = self._family_of_blocks(model, peft_config.target_modules[0])
+            heads = [name for name in family.head_names if isinstance(getattr(model, name, None), nn.Module)]
+            peft_config.modules_to_save = heads or None
         if peft_config.prompt_layers is not None:
-            check_prompt_layers(peft_config.prompt_layers, num_layers=len(backbone.layers))
+            check_prompt_layers(peft_config.prompt_layers, num_layers=len(blocks))
+
+    @staticmethod
+    def _family_of_blocks(model: nn.Module, blocks_name: str) -> type[Backbone]:
+        """The family whose host holds the block sequence ``blocks_name``, or a clear error."""
+        for family in FAMILIES:
+            host_name = blocks_name[: -len(family.blocks_path)].rstrip(".")
+            if blocks_name.endswith(family.blocks_path) and family_of(_submodule(model, host_name)) is family:
+                return family
+        raise TypeError(
+            f"ShipConfig.target_modules names {blocks_name!r}, which is not the block sequence of a supported Vision "
+            f"Transformer (SHIP wraps e.g. `vit.layers`, `dinov2.encoder.layer` or timm's `blocks`; leave "
+            f"`target_modules=None` to find it). Supported: {supported_families()}."
+        )
 
     def _create_and_replace(
         self,
@@ -131,15 +167,13 @@ class ShipModel(BaseTuner):
         if isinstance(target, ShipLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        if not isinstance(target, ViTModel):
-            raise TypeError(
-                f"ShipConfig.target_modules matched {current_key!r}, a {type(target).__name__}; SHIP wraps a "
-                f"transformers ViTModel. Supported backbones: {', '.join(SUPPORTED_BACKBONES)}."
-            )
-        new_module = ShipLayer(target, adapter_name, peft_config)
+        family = self._family_of_blocks(self.model, current_key)
+        backbone = family()
+        new_module = ShipLayer(target, adapter_name, peft_config, backbone)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        backbone.attach(host_of(self.model, current_key, family), new_module)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
@@ -153,6 +187,7 @@ class ShipModel(BaseTuner):
             if isinstance(module, ShipLayer):
                 parent = self.model.get_submodule(name.rpartition(".")[0])
                 setattr(parent, name.rpartition(".")[2], module.base_layer)
+                module.backbone.detach(host_of(self.model, name, type(module.backbone)), module)
         return self.model
 
     def enable_prompt_cache(self) -> None:
@@ -196,32 +231,61 @@ class ShipModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """For one ``PeftModel`` call: add the backbone's matching loss to the model's loss (SHIP_METHOD.md §5)."""
-        check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
+        """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
+        (``docs/method.md`` §4)."""
         layer = get_ship_layer(self.model)
-        captured: dict[str, Any] = {}
-
+        blocks_name = self.peft_config[self.active_adapters[0]].target_modules[0]
+        host = host_of(self.model, blocks_name, type(layer.backbone))
+        pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        if torch.is_tensor(pixel_values) and not layer.disable_adapters:
+            check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
+        check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         num_items_in_batch = kwargs.get("num_items_in_batch")
-
-        def capture(module: nn.Module, inputs: Any, output: Any) -> None:
-            captured["matching_loss"] = getattr(output, "matching_loss", None)
-            captured["batch_size"] = output.last_hidden_state.shape[0]
+        self.last_matching_loss = None
+        layer.matching_losses = []
 
         def add_matching_loss(module: nn.Module, inputs: Any, output: Any) -> Any:
-            matching_loss = captured.get("matching_loss")
-            if matching_loss is None or getattr(output, "loss", None) is None:
+            if not layer.matching_losses:
                 return output
+            matching_loss = self.last_matching_loss = layer.matching_losses[-1]
+            if getattr(output, "loss", None) is None:
+                return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
             weight = self.peft_config[self.active_adapters[0]].matching_loss_weight
             # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the
             # items of the whole (accumulated, multi-process) batch; the matching loss is put on the same footing.
-            share = 1.0 if num_items_in_batch is None else captured["batch_size"] / num_items_in_batch
+            share = 1.0 if num_items_in_batch is None else output.logits.shape[0] / num_items_in_batch
             values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
             values["loss"] = output.loss + weight * matching_loss * share
             return with_ship_losses(type(output))(**values)
 
-        handles = [layer.register_forward_hook(capture), self.model.register_forward_hook(add_matching_loss)]
+        handle = self.model.register_forward_hook(add_matching_loss)
         try:
             yield
         finally:
-            for handle in handles:
-                handle.remove()
+            handle.remove()
+            layer.matching_losses = None
+
+
+def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> None:
+    """Clear errors for images the backbone cannot take: wrong rank, channels, size, or non-finite values."""
+    if pixel_values.ndim != 4:
+        raise ValueError(
+            f"pixel_values must be a [batch, channels, height, width] tensor, got shape {tuple(pixel_values.shape)}; "
+            f"prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)."
+        )
+    channels, height, width = pixel_values.shape[1:]
+    expected_channels, expected_size = backbone.image_format(host)
+    if channels != expected_channels:
+        raise ValueError(
+            f"The images have {channels} channels but the backbone expects {expected_channels}; convert them "
+            f"(e.g. `image.convert('RGB')`) before the image processor."
+        )
+    if expected_size is not None and not interpolate and (height, width) != expected_size:
+        raise ValueError(
+            f"The images are {height}x{width} but the backbone takes {expected_size[0]}x{expected_size[1]}; resize "
+            f"them with the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
+        )
+    if not torch.isfinite(pixel_values).all():
+        raise ValueError(
+            "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std)."
+        )

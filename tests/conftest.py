@@ -55,6 +55,15 @@ def tiny_ship_model(seed: int = 0, vit_overrides: dict | None = None, **config):
     return model
 
 
+def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as if SHIP were not there: adapter tensors dropped, wrapped blocks under their names."""
+    return {
+        key.replace("base_layer.", ""): tensor
+        for key, tensor in module.state_dict().items()
+        if ship_peft.registration.SHIP_PREFIX not in key
+    }
+
+
 def pixels(batch: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 

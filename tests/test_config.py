@@ -7,6 +7,8 @@ from peft import PeftConfig, get_peft_model
 import ship_peft
 from ship_peft import ShipConfig
 
+from peft import get_peft_model
+
 from conftest import tiny_vit
 
 
@@ -18,8 +20,10 @@ def test_defaults_are_the_reference_recipe():
     assert (config.matching_loss_weight, config.matching_top_k) == (0.5, 10)
     assert config.decoupled_attention is True
     assert config.prompt_layers is None
-    assert config.modules_to_save == ["classifier"]
+    assert config.modules_to_save is None  # the model's classifiers, found by the backbone family
     assert config.peft_type == "SHIP"
+    model = get_peft_model(tiny_vit(), ShipConfig(prompt_layers=[0]))
+    assert model.peft_config["default"].modules_to_save == ["classifier"]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from transformers import ViTForImageClassification
 
 import ship_peft
 
-from conftest import pixels, tiny_ship_model
+from conftest import base_state_dict, pixels, tiny_ship_model
 from naive_ship import NaiveHyperParameters, NaivePrompts, naive_ship_forward
 
 LABELS = torch.tensor([0, 1, 2, 1])
@@ -30,9 +30,11 @@ def sharpen_backbone(model, seed: int) -> None:
     """Redraw the frozen backbone with O(1) weights, so that attention is far from uniform and CLS scores are spread
     out (the tiny models' 0.02-std init gives near-uniform attention, where some mistakes would hardly show)."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    backbone = ship_peft.get_ship_layer(model).base_layer
+    backbone = model.get_base_model().vit
     with torch.no_grad():
         for name, parameter in backbone.named_parameters():
+            if ship_peft.registration.SHIP_PREFIX in name:
+                continue
             noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
             if "layernorm" in name and name.endswith("weight"):
                 parameter.copy_(1 + 0.2 * noise)
@@ -62,9 +64,9 @@ def build(seed: int = 0, depth: int = 4, attn: str = "sdpa", **config):
         weight = torch.randn(classifier.weight.shape, generator=generator)
         classifier.weight.copy_(weight / math.sqrt(classifier.in_features))
     model.double()
-    backbone = ship_peft.get_ship_layer(model).base_layer
+    backbone = model.get_base_model().vit
     plain = ViTForImageClassification(backbone.config).double().eval()
-    plain.vit.load_state_dict(backbone.state_dict())
+    plain.vit.load_state_dict(base_state_dict(backbone))
     plain.classifier.load_state_dict(classifier_of(model).state_dict())
     plain.requires_grad_(False)
     plain.classifier.requires_grad_(True)
@@ -269,11 +271,11 @@ def test_naive_oracle_with_zero_prompt_weight_is_the_plain_backbone():
 
 #: the parameters a SHIP model with levels [0, 2, 3] (tiny_ship_model's default) trains.
 TRAINABLE = {
-    "base_model.model.vit.ship_prompts.default.semantic_prompts.0",
-    "base_model.model.vit.ship_prompts.default.semantic_prompts.1",
-    "base_model.model.vit.ship_prompts.default.semantic_prompts.2",
-    "base_model.model.vit.ship_prompts.default.shared_prompts",
-    "base_model.model.vit.ship_prompts.default.attribute_prompts",
+    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.0",
+    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.1",
+    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.2",
+    "base_model.model.vit.layers.ship_prompts.default.shared_prompts",
+    "base_model.model.vit.layers.ship_prompts.default.attribute_prompts",
     "base_model.model.classifier.modules_to_save.default.weight",
     "base_model.model.classifier.modules_to_save.default.bias",
 }
@@ -295,7 +297,7 @@ def test_gradients_reach_exactly_the_prompts_and_the_classifier():
             assert not parameter.requires_grad, name
             assert parameter.grad is None, name
     assert {name for name, p in model.named_parameters() if p.requires_grad} == expected
-    assert "base_model.model.vit.ship_prompts.default.prototypes" in dict(model.named_buffers())
+    assert "base_model.model.vit.layers.ship_prompts.default.prototypes" in dict(model.named_buffers())
 
 
 def test_adamw_steps_change_only_prompts_and_classifier():

@@ -16,13 +16,13 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTModel
 import ship_peft
 from ship_peft import ShipConfig
 
-from conftest import fill_prototypes, pixels, tiny_ship_model, tiny_vit
+from conftest import base_state_dict, fill_prototypes, pixels, tiny_ship_model, tiny_vit
 
 LABELS = torch.tensor([0, 1, 2, 1])
 
 
 def backbone_state(model):
-    return {name: tensor.clone() for name, tensor in model.get_base_model().vit.base_layer.state_dict().items()}
+    return {name: tensor.clone() for name, tensor in base_state_dict(model.get_base_model().vit).items()}
 
 
 def test_lora_and_other_methods_still_work_after_import(tmp_path):
@@ -50,12 +50,12 @@ def test_save_writes_only_prompts_prototypes_and_classifier(tmp_path):
     assert config["peft_type"] == "SHIP" and config["prompt_layers"] == [0, 2, 3]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == {
-        "base_model.model.vit.ship_prompts.semantic_prompts.0",
-        "base_model.model.vit.ship_prompts.semantic_prompts.1",
-        "base_model.model.vit.ship_prompts.semantic_prompts.2",
-        "base_model.model.vit.ship_prompts.shared_prompts",
-        "base_model.model.vit.ship_prompts.attribute_prompts",
-        "base_model.model.vit.ship_prompts.prototypes",
+        "base_model.model.vit.layers.ship_prompts.semantic_prompts.0",
+        "base_model.model.vit.layers.ship_prompts.semantic_prompts.1",
+        "base_model.model.vit.layers.ship_prompts.semantic_prompts.2",
+        "base_model.model.vit.layers.ship_prompts.shared_prompts",
+        "base_model.model.vit.layers.ship_prompts.attribute_prompts",
+        "base_model.model.vit.layers.ship_prompts.prototypes",
         "base_model.model.classifier.weight",
         "base_model.model.classifier.bias",
     }
@@ -120,7 +120,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         calls = []
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            for layer in model.get_base_model().vit.base_layer.layers:
+            for layer in model.get_base_model().vit.layers.blocks:
                 checkpoint = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = lambda *a, f=checkpoint: calls.append(1) or f(*a)
         model(pixel_values=pixels(), labels=LABELS).loss.backward()
@@ -143,7 +143,7 @@ def test_bf16_autocast_trains_without_nan():
 def test_trainer_trains_prompts_and_head_only(tmp_path):
     model = tiny_ship_model(seed=6)
     before = backbone_state(model)
-    prompts_before = model.get_base_model().vit.ship_prompts["default"].shared_prompts.detach().clone()
+    prompts_before = model.get_base_model().vit.layers.ship_prompts["default"].shared_prompts.detach().clone()
     data = Dataset.from_dict({"pixel_values": pixels(16, seed=7).numpy(), "labels": [i % 3 for i in range(16)]})
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
@@ -155,7 +155,7 @@ def test_trainer_trains_prompts_and_head_only(tmp_path):
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     after = backbone_state(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert not torch.equal(prompts_before, model.get_base_model().vit.ship_prompts["default"].shared_prompts)
+    assert not torch.equal(prompts_before, model.get_base_model().vit.layers.ship_prompts["default"].shared_prompts)
 
 
 def test_unload_restores_the_plain_backbone_and_merge_is_a_clear_error():
@@ -179,11 +179,9 @@ def test_missing_prototypes_say_what_to_call():
         model(pixel_values=pixels())
 
 
-def test_bare_vit_model_and_other_backbones_are_clear_errors():
-    with pytest.raises(TypeError, match="ViTForImageClassification.from_pretrained\\(name, num_labels=0\\)"):
-        get_peft_model(ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2)), ShipConfig())
-    with pytest.raises(TypeError, match="Supported backbones: transformers ViTForImageClassification"):
-        get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), ShipConfig(modules_to_save=None))
+def test_other_models_are_clear_errors():
+    with pytest.raises(TypeError, match="holds no Vision Transformer of a supported family. Supported: transformers ViT"):
+        get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), ShipConfig())
 
 
 def test_low_cpu_mem_usage_loading_and_delete_adapter(tmp_path):
@@ -193,7 +191,7 @@ def test_low_cpu_mem_usage_loading_and_delete_adapter(tmp_path):
     assert torch.equal(reloaded(pixel_values=pixels()).logits, model(pixel_values=pixels()).logits)
     model.add_adapter("extra", ShipConfig(num_prompts=2, prompt_layers=[0, 1], num_attribute_layers=0))
     model.delete_adapter("extra")
-    assert list(model.get_base_model().vit.ship_prompts) == ["default"] and list(model.peft_config) == ["default"]
+    assert list(model.get_base_model().vit.layers.ship_prompts) == ["default"] and list(model.peft_config) == ["default"]
 
 
 def test_inject_adapter_in_model_from_a_state_dict():
@@ -202,7 +200,7 @@ def test_inject_adapter_in_model_from_a_state_dict():
     model = tiny_ship_model(seed=10)
     state_dict = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
     injected = inject_adapter_in_model(model.peft_config["default"], tiny_vit(seed=10), state_dict=state_dict)
-    assert isinstance(injected.vit, ship_peft.ShipLayer)
+    assert isinstance(injected.vit.layers, ship_peft.ShipLayer)
 
 
 def test_feature_extraction_path_for_users_of_a_bare_vit_model():
@@ -211,7 +209,7 @@ def test_feature_extraction_path_for_users_of_a_bare_vit_model():
     assert outputs.logits.shape == (4, 32)  # the final CLS features (classifier is Identity)
     assert len(outputs.hidden_states) == 5 and all(h.shape == (4, 17, 32) for h in outputs.hidden_states)
     vit = model.get_base_model().vit
-    torch.testing.assert_close(outputs.logits, vit.base_layer.layernorm(outputs.hidden_states[-1])[:, 0])
+    torch.testing.assert_close(outputs.logits, vit.layernorm(outputs.hidden_states[-1])[:, 0])
     plain = tiny_vit(seed=12, num_labels=0).vit(pixels(), output_hidden_states=True).hidden_states
     assert torch.equal(outputs.hidden_states[0], plain[0])  # the embeddings: no prompts yet
     assert not torch.allclose(outputs.hidden_states[-1], plain[-1])  # the prompts changed the image tokens

@@ -2,6 +2,7 @@
 """The inference prompt cache (SHIP_METHOD.md §6): same logits as the full method, rebuilt on any change."""
 
 import pytest
+import ship_peft
 import torch
 
 from conftest import pixels, tiny_ship_model
@@ -32,7 +33,7 @@ def test_cached_logits_equal_the_full_method(config):
 
 def test_cache_is_used_and_rebuilt_after_an_optimizer_step():
     model = tiny_ship_model(seed=13)
-    layer = model.get_base_model().vit
+    layer = ship_peft.get_ship_layer(model)
     model.enable_prompt_cache()
     model.eval()
     model(pixel_values=pixels())

@@ -82,8 +82,8 @@ def gradients(model) -> dict[str, torch.Tensor]:
         if not parameter.requires_grad:
             continue
         short = name.removeprefix("base_model.model.")
-        if short.startswith("vit.ship_prompts.default."):
-            short = short.removeprefix("vit.ship_prompts.default.")
+        if short.startswith("vit.layers.ship_prompts.default."):
+            short = short.removeprefix("vit.layers.ship_prompts.default.")
             if short == "attribute_prompts":
                 grads.update({f"ship.ap.{k}": grad for k, grad in enumerate(parameter.grad)})
                 continue

@@ -1,0 +1,71 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The backbone families SHIP runs on, resolved by module type (see ``base.py`` for the seam)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+from torch import nn
+
+from .base import Backbone, TransformersBackbone, split_heads
+from .clip import CLIPBackbone
+from .dinov2 import Dinov2Backbone
+from .vit import ViTBackbone
+
+FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, CLIPBackbone]
+if importlib.util.find_spec("timm") is not None:
+    from .timm_vit import TimmViTBackbone
+
+    FAMILIES.append(TimmViTBackbone)
+
+#: Vision Transformers SHIP cannot run exactly, by class name, and why.
+UNSUPPORTED: dict[str, str] = {
+    **dict.fromkeys(
+        ("SiglipVisionModel", "SiglipVisionTransformer", "Siglip2VisionModel", "Siglip2VisionTransformer"),
+        "SigLIP has no CLS token (it pools with attention), and SHIP ranks image tokens by the CLS query",
+    ),
+    **dict.fromkeys(
+        ("SwinModel", "Swinv2Model", "SwinTransformer", "SwinTransformerV2"),
+        "Swin uses windowed attention, where prompt tokens have no place",
+    ),
+    **dict.fromkeys(
+        ("BeitModel", "Data2VecVisionModel", "Beit"),
+        "BEiT adds a relative position bias to attention, defined for image tokens only",
+    ),
+}
+
+TIMM_HINT = "" if importlib.util.find_spec("timm") else " (timm VisionTransformer: `pip install ship-peft[timm]`)"
+
+
+def supported_families() -> str:
+    """The supported families, for error messages."""
+    return "; ".join(family.name for family in FAMILIES) + TIMM_HINT
+
+
+def family_of(host: nn.Module) -> Optional[type[Backbone]]:
+    """The family whose block sequence ``host`` holds, or None."""
+    return next((family for family in FAMILIES if isinstance(host, family.host_types)), None)
+
+
+def find_hosts(model: nn.Module) -> list[tuple[str, nn.Module, type[Backbone]]]:
+    """Every ``(name, module, family)`` in ``model`` that holds a supported block sequence, outermost first.
+
+    Raises a clear error for a Vision Transformer SHIP does not support, naming why.
+    """
+    hosts = []
+    for name, module in model.named_modules():
+        family = family_of(module)
+        if family is None:
+            reason = UNSUPPORTED.get(type(module).__name__)
+            if reason:
+                raise TypeError(f"SHIP does not support {type(module).__name__}: {reason}. Supported: {supported_families()}.")
+            continue
+        reason = family.unsupported_reason(module)
+        if reason:
+            raise TypeError(f"SHIP does not support this {type(module).__name__}: {reason}. Supported: {supported_families()}.")
+        hosts.append((name, module, family))
+    return hosts
+
+
+__all__ = ["Backbone", "FAMILIES", "TransformersBackbone", "family_of", "find_hosts", "split_heads", "supported_families"]

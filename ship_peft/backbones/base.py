@@ -1,0 +1,175 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The backbone seam: what SHIP needs to know about one family of pre-norm Vision Transformers.
+
+SHIP wraps a family's *block sequence* (transformers' ``layers`` list, timm's ``blocks``) and runs every block
+itself, with prompt tokens appended after the image tokens. Everything before the blocks (patch embedding, CLS,
+distillation and register tokens, position embedding, any pre-norm) and after them (final norm, pooler, head) stays
+the host model's own code, so the ``N`` image-side tokens are whatever the host hands to its first block, with the
+CLS token first. A family only says how to run the pieces of one block on any set of tokens; see
+``docs/backbones.md`` for adding one.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, ClassVar, Optional
+
+import torch
+from torch import nn
+
+
+def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """``[B, n, H*d]`` -> ``[B, H, n, d]`` (the layout of every attention function)."""
+    return states.view(*states.shape[:2], -1, head_dim).transpose(1, 2)
+
+
+class Backbone:
+    """One family of pre-norm ViT blocks ``x + ls1(attn(norm1(x))) ; x + ls2(mlp(norm2(x)))``.
+
+    Class attributes:
+        name: the family as users know it, for messages and the docs.
+        host_types: the module types that hold the block sequence (matched with ``isinstance``).
+        blocks_path: where the block sequence lies below its host (``"layers"``, ``"encoder.layer"``, ...).
+        head_names: the model's classifiers, trained in full and saved with the adapter (``modules_to_save``).
+
+    Every method takes the block module it works on, so a family holds no state.
+    """
+
+    name: ClassVar[str]
+    host_types: ClassVar[tuple[type[nn.Module], ...]]
+    blocks_path: ClassVar[str]
+    head_names: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
+        """Why this host of the family cannot run SHIP exactly (None: it can)."""
+        return None
+
+    def attach(self, host: nn.Module, ship_layer: nn.Module) -> None:
+        """Called once the block sequence of ``host`` is wrapped (timm hands its gradient checkpointing over here)."""
+
+    def detach(self, host: nn.Module, ship_layer: nn.Module) -> None:
+        """Undo :meth:`attach` when the adapter is unloaded."""
+
+    def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
+        """The checkpoint function when the backbone asks for gradient checkpointing, else None."""
+        raise NotImplementedError
+
+    def run_blocks(self, ship_layer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The block sequence as the host runs it (adapters disabled)."""
+        for block in ship_layer.blocks:
+            hidden_states = block(hidden_states, *args, **kwargs)
+        return hidden_states
+
+    def image_format(self, host: nn.Module) -> tuple[int, Optional[tuple[int, int]]]:
+        """Input checks: the channels the host takes and its image size (None: any size)."""
+        raise NotImplementedError
+
+    def hidden_size(self, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    def norm1(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The LayerNorm before attention."""
+        raise NotImplementedError
+
+    def query(self, block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        """Queries ``[B, H, n, d]`` (with any query norm)."""
+        raise NotImplementedError
+
+    def key_value(self, block: nn.Module, normed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (with any key norm) and values, each ``[B, H, n, d]``."""
+        raise NotImplementedError
+
+    def scaling(self, block: nn.Module) -> float:
+        """The softmax temperature of the attention scores (``d ** -0.5``)."""
+        raise NotImplementedError
+
+    def attend(self, block: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``softmax(q k^T * scaling) v`` with the block's attention dropout in training; returns ``[B, n, H*d]``."""
+        raise NotImplementedError
+
+    def attention_branch(self, block: nn.Module, attended: torch.Tensor) -> torch.Tensor:
+        """The residual branch from the attention output ``[B, n, H*d]``: output projection, layer scale, dropout and
+        the block's own stochastic depth."""
+        raise NotImplementedError
+
+    def mlp_branch(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual branch of the MLP: LN2, MLP, layer scale, dropout and the block's own stochastic depth."""
+        raise NotImplementedError
+
+
+class TransformersBackbone(Backbone):
+    """A transformers family with split q/k/v projections and ``GradientCheckpointingLayer`` blocks.
+
+    A family names its block's parts (dotted paths below the block); ``layer_scale*`` and ``drop_path`` may be None.
+    Attention goes through transformers' attention function of the model's ``attn_implementation``.
+    """
+
+    norm1_path: ClassVar[str]
+    attention_path: ClassVar[str]
+    query_name: ClassVar[str] = "q_proj"
+    key_name: ClassVar[str] = "k_proj"
+    value_name: ClassVar[str] = "v_proj"
+    output_name: ClassVar[str] = "o_proj"
+    norm2_path: ClassVar[str]
+    mlp_path: ClassVar[str] = "mlp"
+    layer_scale1_path: ClassVar[Optional[str]] = None
+    layer_scale2_path: ClassVar[Optional[str]] = None
+    dropout_path: ClassVar[Optional[str]] = None
+    drop_path_path: ClassVar[Optional[str]] = None
+    #: the attention module's dropout probability and scaling attributes
+    attention_dropout_name: ClassVar[str] = "attention_dropout"
+    scaling_name: ClassVar[str] = "scaling"
+
+    def _part(self, block: nn.Module, path: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        return block.get_submodule(path) if path else _identity
+
+    def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
+        first = ship_layer.blocks[0]
+        return first._gradient_checkpointing_func if getattr(first, "gradient_checkpointing", False) else None
+
+    def hidden_size(self, block: nn.Module) -> int:
+        return block.get_submodule(self.norm1_path).normalized_shape[0]
+
+    def image_format(self, host):
+        size = host.config.image_size
+        return host.config.num_channels, tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    def norm1(self, block, tokens):
+        return block.get_submodule(self.norm1_path)(tokens)
+
+    def query(self, block, normed):
+        attention = block.get_submodule(self.attention_path)
+        return split_heads(getattr(attention, self.query_name)(normed), attention.head_dim)
+
+    def key_value(self, block, normed):
+        attention = block.get_submodule(self.attention_path)
+        head_dim = attention.head_dim
+        key = split_heads(getattr(attention, self.key_name)(normed), head_dim)
+        return key, split_heads(getattr(attention, self.value_name)(normed), head_dim)
+
+    def scaling(self, block):
+        return getattr(block.get_submodule(self.attention_path), self.scaling_name)
+
+    def attend(self, block, query, key, value):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.vit.modeling_vit import eager_attention_forward
+
+        attention = block.get_submodule(self.attention_path)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+        dropout = getattr(attention, self.attention_dropout_name) if block.training else 0.0
+        output, _ = interface(attention, query, key, value, None, dropout=dropout, scaling=self.scaling(block))
+        return output.reshape(*output.shape[:2], -1)
+
+    def attention_branch(self, block, attended):
+        branch = getattr(block.get_submodule(self.attention_path), self.output_name)(attended)
+        branch = self._part(block, self.layer_scale1_path)(branch)
+        return self._part(block, self.drop_path_path)(self._part(block, self.dropout_path)(branch))
+
+    def mlp_branch(self, block, tokens):
+        branch = block.get_submodule(self.mlp_path)(block.get_submodule(self.norm2_path)(tokens))
+        branch = self._part(block, self.layer_scale2_path)(branch)
+        return self._part(block, self.drop_path_path)(self._part(block, self.dropout_path)(branch))
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
