@@ -27,6 +27,10 @@ setup(
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
         "bench": ["scikit-learn>=1.4", "scikit-image>=0.22"],
+        # timm VisionTransformer backbones (ship_peft/backbones/timm_vit.py). Not in the test extra yet: timm needs
+        # torchvision, and the registries CI reaches serve only CUDA torchvision wheels, which do not import with
+        # the CPU torch CI pins.
+        "timm": ["timm>=1.0"],
     },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",

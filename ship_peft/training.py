@@ -23,7 +23,7 @@ from huggingface_hub import hf_hub_download
 from peft import PeftConfig, get_peft_model
 from safetensors import safe_open
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, EvalPrediction, Trainer, TrainingArguments, ViTForImageClassification
+from transformers import AutoConfig, AutoModelForImageClassification, EvalPrediction, Trainer, TrainingArguments
 from transformers import default_data_collator, set_seed
 
 from .assets import resolve_model_path
@@ -120,8 +120,18 @@ class TrainedMethod:
         return self.trainer.state.log_history
 
 
-def vit_config(model_path: str) -> transformers.ViTConfig:
-    """The configuration of ``model_path`` (a Hub id, a folder, or the bundled backbone's name), checked to be a ViT."""
+#: transformers model types the command line trains (``AutoModelForImageClassification``), see ``ship_peft.backbones``.
+SUPPORTED_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+
+
+def vision_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
+    """The vision part of ``config`` (CLIP's ``vision_config``; the config itself otherwise)."""
+    return getattr(config, "vision_config", None) or config
+
+
+def vit_config(model_path: str) -> transformers.PretrainedConfig:
+    """The configuration of ``model_path`` (a Hub id, a folder, or the bundled backbone's name), checked to be of a
+    supported family."""
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(model_path))
     except (OSError, ValueError) as error:
@@ -129,16 +139,18 @@ def vit_config(model_path: str) -> transformers.ViTConfig:
             f"--model {model_path!r}: cannot read a model configuration ({error}). Give a Hub model id or a local "
             f"folder written by `save_pretrained`."
         ) from error
-    if config.model_type != "vit":
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
-            f"--model {model_path!r} is a {config.model_type!r} model; SHIP supports transformers ViT backbones "
-            f"(model_type 'vit', e.g. google/vit-base-patch16-224-in21k)."
+            f"--model {model_path!r} is a {config.model_type!r} model; the command line trains the model types "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. google/vit-base-patch16-224-in21k, facebook/dinov2-small). "
+            f"For timm models use the Python API (README)."
         )
     return config
 
 
-def load_backbone(model_path: str, label_names: list[str]) -> ViTForImageClassification:
-    """A float32 ``ViTForImageClassification`` with a head for ``label_names`` (a new head if the sizes differ).
+def load_backbone(model_path: str, label_names: list[str]) -> transformers.PreTrainedModel:
+    """A float32 image classifier (``AutoModelForImageClassification``) with a head for ``label_names`` (a new head if
+    the sizes differ).
 
     ``model_path`` is recorded as the model's name, so adapters name their base as the user did.
     """
@@ -147,7 +159,7 @@ def load_backbone(model_path: str, label_names: list[str]) -> ViTForImageClassif
     transformers.logging.set_verbosity_error()  # the load report is summarised below
     transformers.logging.disable_progress_bar()
     try:
-        model, info = ViTForImageClassification.from_pretrained(
+        model, info = AutoModelForImageClassification.from_pretrained(
             resolve_model_path(model_path),
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
@@ -184,7 +196,7 @@ def method_config(method: str, ship_values: dict[str, Any], num_layers: int) -> 
 def build_model(method: str, model_path: str, label_names: list[str], ship_values: dict[str, Any]) -> torch.nn.Module:
     """The backbone with ``method``'s trainable parts: a SHIP / VPT-deep PEFT model, or the head alone (linear)."""
     backbone = load_backbone(model_path, label_names)
-    config = method_config(method, ship_values, backbone.config.num_hidden_layers)
+    config = method_config(method, ship_values, vision_config(backbone.config).num_hidden_layers)
     if config is None:
         for name, parameter in backbone.named_parameters():
             parameter.requires_grad = name.startswith("classifier.")

@@ -120,6 +120,31 @@ def mlp(layer, x: Tensor) -> Tensor:
     return linear(F.gelu(linear(x, layer.mlp.fc1)), layer.mlp.fc2)
 
 
+@dataclass
+class BlockParts:
+    """The weights of one pre-norm block ``x + ls1 * o(attn(ln1(x))) ; x + ls2 * mlp(ln2(x))``, read by a family's
+    test: ``q``, ``k``, ``v``, ``o`` are Linear modules, ``mlp`` a function written out from the weights, ``ls1`` /
+    ``ls2`` layer-scale vectors or None."""
+
+    ln1: torch.nn.LayerNorm
+    q: torch.nn.Linear
+    k: torch.nn.Linear
+    v: torch.nn.Linear
+    o: torch.nn.Linear
+    ln2: torch.nn.LayerNorm
+    mlp: "callable"
+    ls1: Optional[Tensor] = None
+    ls2: Optional[Tensor] = None
+
+
+def vit_parts(layer) -> BlockParts:
+    """A transformers ViT layer's parts."""
+    a = layer.attention
+    return BlockParts(
+        layer.layernorm_before, a.q_proj, a.k_proj, a.v_proj, a.o_proj, layer.layernorm_after, lambda x: mlp(layer, x)
+    )
+
+
 def embed(vit, pixel_values: Tensor) -> Tensor:
     """ViT embeddings: patch projection (a strided convolution), CLS first, plus position embeddings, ``[B, N, D]``."""
     projection = vit.embeddings.patch_embeddings.projection
@@ -153,7 +178,7 @@ def record_choice(choices: list[TopKChoice], purpose: str, scores: Tensor, k: in
 
 
 def ship_layer(
-    layer,
+    parts: BlockParts,
     image_tokens: Tensor,
     prompt_tokens: Tensor,
     num_heads: int,
@@ -166,15 +191,14 @@ def ship_layer(
     Returns the layer output ``[B, N + P, D]`` and the CLS query's pre-softmax scores over the ``N`` image keys,
     averaged over heads, ``[B, N]``.
     """
-    attention = layer.attention
     num_image = image_tokens.shape[1]
     tokens = torch.cat([image_tokens, prompt_tokens], dim=1)
-    h = layer_norm(tokens, layer.layernorm_before)
+    h = layer_norm(tokens, parts.ln1)
     h_v, h_p = h[:, :num_image], h[:, num_image:]
     hidden = h.shape[-1]
     head_dim = hidden // num_heads
 
-    q, k, v = linear(h, attention.q_proj), linear(h, attention.k_proj), linear(h, attention.v_proj)
+    q, k, v = linear(h, parts.q), linear(h, parts.k), linear(h, parts.v)
     image_outputs, prompt_outputs, cls_scores = [], [], []
     for head in range(num_heads):
         cols = slice(head * head_dim, (head + 1) * head_dim)
@@ -197,8 +221,10 @@ def ship_layer(
         a_p = h_p  # prompts bypass attention: not even W_v is applied
     else:
         a_p = torch.cat(prompt_outputs, dim=-1)
-    y = tokens + linear(torch.cat([a_v, a_p], dim=1), attention.o_proj)
-    out = y + mlp(layer, layer_norm(y, layer.layernorm_after))
+    branch = linear(torch.cat([a_v, a_p], dim=1), parts.o)
+    y = tokens + (branch if parts.ls1 is None else branch * parts.ls1)
+    branch = parts.mlp(layer_norm(y, parts.ln2))
+    out = y + (branch if parts.ls2 is None else branch * parts.ls2)
     scores = torch.stack(cls_scores, dim=0).mean(dim=0).squeeze(1)  # mean over heads -> [B, N]
     return out, scores
 
@@ -241,6 +267,61 @@ def prompts_entering(
     return torch.cat(parts, dim=1)
 
 
+def naive_ship_encoder(
+    x: Tensor, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
+    training: bool, choices: list[TopKChoice],
+) -> tuple[Tensor, Optional[Tensor]]:
+    """SHIP through the blocks ``parts`` from the image tokens ``x``: the last block's image tokens and, in training,
+    the matching loss (SHIP_METHOD.md §4-§5)."""
+    assert hyper.prompt_layers[0] == 0
+    attribute_layers = (
+        attribute_layer_indices(hyper.prompt_layers, hyper.num_attribute_layers)
+        if prompts.attribute_prompts is not None
+        else []
+    )
+    if prompts.attribute_prompts is not None:
+        assert prompts.attribute_prompts.shape[0] == len(attribute_layers)
+    last = len(parts) - 1
+    batch_size = x.shape[0]
+    prompt_output, attribute_tokens, scores = None, None, None
+    for i in range(len(parts)):
+        if i in attribute_layers:  # from layer i-1's output and CLS scores, before any replacement
+            num_attribute = prompts.attribute_prompts.shape[1]
+            record_choice(choices, f"attribute prompts of layer {i}", scores, num_attribute, order_matters=True)
+            top = top_tokens(x, scores, num_attribute)
+            attribute_tokens = attribute_prompts(
+                top, prompts.prototypes, prompts.attribute_prompts[attribute_layers.index(i)], hyper.attribute_mix
+            )
+        p = prompts_entering(
+            i, hyper.prompt_layers, attribute_layers, prompts, prompt_output, attribute_tokens, batch_size
+        )
+        out, scores = ship_layer(
+            parts[i],
+            x,
+            p,
+            num_heads=num_heads,
+            lam=hyper.prompt_attention_weight,
+            decoupled=hyper.decoupled_attention,
+            is_last=(i == last),
+        )
+        x, prompt_output = out[:, : x.shape[1]], out[:, x.shape[1] :]
+    pml = None
+    if training:
+        record_choice(choices, "matching loss", scores, hyper.matching_top_k, order_matters=False)
+        pml = matching_loss(prompt_output, top_tokens(x, scores, hyper.matching_top_k))
+    return x, pml
+
+
+def naive_output(
+    logits: Tensor, labels: Optional[Tensor], pml: Optional[Tensor], hyper: NaiveHyperParameters, choices
+) -> NaiveOutput:
+    classification_loss = F.cross_entropy(logits, labels) if labels is not None else None
+    loss = None
+    if classification_loss is not None:
+        loss = classification_loss + (hyper.matching_loss_weight * pml if pml is not None else 0.0)
+    return NaiveOutput(logits, classification_loss, pml, loss, choices)
+
+
 def naive_ship_forward(
     model,
     prompts: NaivePrompts,
@@ -257,50 +338,35 @@ def naive_ship_forward(
     vit, config = model.vit, model.config
     assert config.hidden_act == "gelu", "the naive oracle implements the exact GELU only"
     assert config.hidden_dropout_prob == 0 and config.attention_probs_dropout_prob == 0, "no dropout in the oracle"
-    assert hyper.prompt_layers[0] == 0
-    attribute_layers = (
-        attribute_layer_indices(hyper.prompt_layers, hyper.num_attribute_layers)
-        if prompts.attribute_prompts is not None
-        else []
-    )
-    if prompts.attribute_prompts is not None:
-        assert prompts.attribute_prompts.shape[0] == len(attribute_layers)
-    num_layers = len(vit.layers)
-    last = num_layers - 1
     choices: list[TopKChoice] = []
-
-    x = embed(vit, pixel_values)
-    batch_size = x.shape[0]
-    prompt_output, attribute_tokens, scores = None, None, None
-    for i in range(num_layers):
-        if i in attribute_layers:  # from layer i-1's output and CLS scores, before any replacement
-            num_attribute = prompts.attribute_prompts.shape[1]
-            record_choice(choices, f"attribute prompts of layer {i}", scores, num_attribute, order_matters=True)
-            top = top_tokens(x, scores, num_attribute)
-            attribute_tokens = attribute_prompts(
-                top, prompts.prototypes, prompts.attribute_prompts[attribute_layers.index(i)], hyper.attribute_mix
-            )
-        p = prompts_entering(
-            i, hyper.prompt_layers, attribute_layers, prompts, prompt_output, attribute_tokens, batch_size
-        )
-        out, scores = ship_layer(
-            vit.layers[i],
-            x,
-            p,
-            num_heads=config.num_attention_heads,
-            lam=hyper.prompt_attention_weight,
-            decoupled=hyper.decoupled_attention,
-            is_last=(i == last),
-        )
-        x, prompt_output = out[:, : x.shape[1]], out[:, x.shape[1] :]
-
+    parts = [vit_parts(layer) for layer in vit.layers]
+    x, pml = naive_ship_encoder(embed(vit, pixel_values), parts, config.num_attention_heads, prompts, hyper, training, choices)
     logits = linear(layer_norm(x, vit.layernorm)[:, 0], model.classifier)
-    classification_loss = F.cross_entropy(logits, labels) if labels is not None else None
-    pml = None
-    if training:
-        record_choice(choices, "matching loss", scores, hyper.matching_top_k, order_matters=False)
-        pml = matching_loss(prompt_output, top_tokens(x, scores, hyper.matching_top_k))
-    loss = None
-    if classification_loss is not None:
-        loss = classification_loss + (hyper.matching_loss_weight * pml if pml is not None else 0.0)
-    return NaiveOutput(logits, classification_loss, pml, loss, choices)
+    return naive_output(logits, labels, pml, hyper, choices)
+
+
+def naive_ship_on_host(
+    model, blocks, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
+    pixel_values: Tensor, labels: Optional[Tensor] = None, training: bool = True,
+) -> NaiveOutput:
+    """SHIP on any plain model whose blocks are ``blocks``: the model's own embeddings and head run, and a forward
+    hook on the last block replaces its output with the naive SHIP encoder's (computed from the first block's
+    input). ``model(pixel_values)`` must return an output with ``logits`` or the logits."""
+    choices: list[TopKChoice] = []
+    captured: dict = {}
+
+    def take_input(module, args):
+        captured.setdefault("x", args[0])
+
+    def replace_output(module, args, output):
+        x, captured["pml"] = naive_ship_encoder(captured["x"], parts, num_heads, prompts, hyper, training, choices)
+        return x
+
+    handles = [blocks[0].register_forward_pre_hook(take_input), blocks[-1].register_forward_hook(replace_output)]
+    try:
+        output = model(pixel_values)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logits = output if torch.is_tensor(output) else output.logits
+    return naive_output(logits, labels, captured["pml"], hyper, choices)

@@ -26,11 +26,10 @@ EAGER = dict(rtol=1e-5, atol=1e-7)
 MIN_SCORE_MARGIN = 1e-4
 
 
-def sharpen_backbone(model, seed: int) -> None:
+def sharpen_backbone(backbone: torch.nn.Module, seed: int) -> None:
     """Redraw the frozen backbone with O(1) weights, so that attention is far from uniform and CLS scores are spread
     out (the tiny models' 0.02-std init gives near-uniform attention, where some mistakes would hardly show)."""
     generator = torch.Generator().manual_seed(1000 + seed)
-    backbone = model.get_base_model().vit
     with torch.no_grad():
         for name, parameter in backbone.named_parameters():
             if ship_peft.registration.SHIP_PREFIX in name:
@@ -57,7 +56,7 @@ def build(seed: int = 0, depth: int = 4, attn: str = "sdpa", **config):
     model = tiny_ship_model(
         seed=seed, vit_overrides={"num_hidden_layers": depth, "attn_implementation": attn}, **config
     )
-    sharpen_backbone(model, seed)
+    sharpen_backbone(model.get_base_model().vit, seed)
     with torch.no_grad():  # a classifier with O(1) logits
         classifier = classifier_of(model)
         generator = torch.Generator().manual_seed(2000 + seed)

@@ -1,0 +1,302 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""Every supported transformers backbone family, on tiny random models:
+
+(a) with lambda = 0 and decoupled attention SHIP's image tokens never read the prompts, so the outputs equal the
+    unwrapped model's (eval and train mode): the seam reproduces each family's block;
+(b) the naive oracle (``naive_ship.py``, per-family block parts written out from the weights) in float64, training;
+(c) calibration, save/load, the prompt cache and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    ViTModel,
+)
+
+import ship_peft
+
+from conftest import fill_prototypes, pixels, tiny_vit, tiny_vit_config
+from naive_ship import BlockParts, linear, naive_ship_on_host, vit_parts
+from test_forward_naive import (
+    TIGHT,
+    assert_grads_close,
+    assert_no_near_ties,
+    grads,
+    hyper_parameters,
+    naive_prompts,
+    sharpen_backbone,
+)
+
+SIZES = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=4, num_attention_heads=2)
+LABELS = torch.tensor([0, 1, 2, 1])
+
+
+def dinov2_config(cls=Dinov2Config, **overrides):
+    return cls(**SIZES, mlp_ratio=2, layerscale_value=0.5, num_labels=3, **overrides)
+
+
+def clip_vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(**SIZES, intermediate_size=64, hidden_act="quick_gelu")
+
+
+def clip_classifier() -> CLIPForImageClassification:
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+    return CLIPForImageClassification(CLIPConfig(vision_config=clip_vision_config().to_dict(), text_config=text, num_labels=3))
+
+
+#: family name -> (builder of a tiny random model, whether it has a classification head)
+MODELS = {
+    "vit": (lambda: tiny_vit(), True),
+    "vit_bare": (lambda: ViTModel(tiny_vit_config()), False),
+    "deit": (lambda: DeiTForImageClassification(DeiTConfig(**SIZES, intermediate_size=64, num_labels=3)), True),
+    "deit_bare": (lambda: DeiTModel(DeiTConfig(**SIZES, intermediate_size=64)), False),
+    "deit_teacher": (
+        lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**SIZES, intermediate_size=64, num_labels=3)),
+        True,
+    ),
+    "dinov2": (lambda: Dinov2ForImageClassification(dinov2_config()), True),
+    "dinov2_swiglu": (lambda: Dinov2ForImageClassification(dinov2_config(use_swiglu_ffn=True)), True),
+    "dinov2_bare": (lambda: Dinov2Model(dinov2_config()), False),
+    "dinov2_registers": (
+        lambda: Dinov2WithRegistersForImageClassification(
+            dinov2_config(Dinov2WithRegistersConfig, num_register_tokens=2)
+        ),
+        True,
+    ),
+    "clip": (clip_classifier, True),
+    "clip_vision": (lambda: CLIPVisionModel(clip_vision_config()), False),
+}
+HEADED = [name for name, (_, headed) in MODELS.items() if headed]
+
+
+def plain_model(name: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MODELS[name][0]().eval()
+
+
+def ship_on(plain: torch.nn.Module, **config) -> PeftModel:
+    values = dict(num_prompts=3, prompt_layers=[0, 2, 3], num_prototypes=5, num_attribute_prompts=4)
+    values.update(config)
+    model = get_peft_model(copy.deepcopy(plain), ship_peft.ShipConfig(**values))
+    fill_prototypes(model)
+    return model
+
+
+def outputs_of(output) -> list[torch.Tensor]:
+    """The tensors a user reads: logits, or the features of a bare backbone."""
+    if torch.is_tensor(output):
+        return [output]
+    return [output[key] for key in ("logits", "last_hidden_state", "pooler_output") if output.get(key) is not None]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_zero_prompt_weight_reproduces_the_backbone(name):
+    plain = plain_model(name)
+    model = ship_on(plain, prompt_attention_weight=0.0)
+    x = pixels()
+    for train in (False, True):
+        plain.train(train)
+        model.train(train)
+        expected, got = outputs_of(plain(x)), outputs_of(model(x))
+        assert len(got) == len(expected) > 0
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and with lambda > 0 the prompts do change the outputs (the comparison above is not vacuous)
+    model = ship_on(plain).eval()
+    assert not torch.allclose(outputs_of(model(x))[0], outputs_of(plain.eval()(x))[0], atol=1e-4)
+
+
+def naive_parts(block) -> BlockParts:
+    """The block's parts as the oracle reads them (attribute names of each family, weights only)."""
+    if hasattr(block, "layernorm_before"):  # ViT, DeiT
+        return vit_parts(block)
+    if hasattr(block, "layer_scale1"):  # DINOv2
+        a, mlp = block.attention, block.mlp
+        if hasattr(mlp, "gate_proj"):
+            feed = lambda x: linear(F.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        else:
+            feed = lambda x: linear(F.gelu(linear(x, mlp.fc1)), mlp.fc2)
+        return BlockParts(
+            block.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj, block.norm2, feed,
+            block.layer_scale1.lambda1, block.layer_scale2.lambda1,
+        )
+    a, mlp = block.self_attn, block.mlp  # CLIP: quick GELU
+    quick_gelu = lambda h: h * torch.sigmoid(1.702 * h)
+    return BlockParts(
+        block.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, block.layer_norm2,
+        lambda x: linear(quick_gelu(linear(x, mlp.fc1)), mlp.fc2),
+    )
+
+
+def head_names(model) -> list[str]:
+    return model.peft_config["default"].modules_to_save
+
+
+NAIVE_CASES = {
+    "default": dict(),
+    "not_decoupled": dict(decoupled_attention=False),
+    "no_shared_one_level": dict(prompt_layers=[0], num_shared_prompts=0, num_prompts=5),
+}
+
+
+@pytest.mark.parametrize("case", list(NAIVE_CASES))
+@pytest.mark.parametrize("name", [n for n in HEADED if n != "vit"])  # ViT: test_forward_naive.py
+def test_training_matches_the_naive_oracle(name, case):
+    plain = plain_model(name, seed=1)
+    sharpen_backbone(plain, seed=1)
+    plain.double()
+    model = ship_on(plain, **NAIVE_CASES[case]).double().train()  # the prompts too
+    plain_copy = copy.deepcopy(plain).train()
+    x = pixels(seed=1).double()
+    naive = naive_prompts(model)
+    hyper = hyper_parameters(model)
+    heads = head_names(model)
+    plain_blocks = list(plain_copy.get_submodule(model.peft_config["default"].target_modules[0]))
+    parts = [naive_parts(block) for block in plain_blocks]
+    num_heads = 2
+    expected = naive_ship_on_host(plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS)
+    assert_no_near_ties(expected)
+    outputs = model(pixel_values=x, labels=LABELS) if "teacher" not in name else model(pixel_values=x)
+    loss = getattr(outputs, "loss", None)
+    if loss is None:  # DeiT with teacher computes no loss: add the matching loss as a user would
+        loss = F.cross_entropy(outputs.logits, LABELS) + hyper.matching_loss_weight * model.base_model.last_matching_loss
+    torch.testing.assert_close(outputs.logits, expected.logits, **TIGHT)
+    torch.testing.assert_close(loss, expected.loss, **TIGHT)
+    package = {f"prompt.{n}": p for n, p in ship_peft.get_ship_layer(model).ship_prompts["default"].named_parameters()}
+    oracle = {"prompt.semantic_prompts." + str(g): p for g, p in enumerate(naive.semantic_prompts)}
+    oracle.update({"prompt.shared_prompts": naive.shared_prompts, "prompt.attribute_prompts": naive.attribute_prompts})
+    for head in heads:
+        for n, p in model.base_model.model.get_submodule(head).modules_to_save["default"].named_parameters():
+            package[f"{head}.{n}"] = p
+            oracle[f"{head}.{n}"] = plain_copy.get_submodule(head).get_parameter(n)
+    oracle = {k: v for k, v in oracle.items() if v is not None}
+    assert_grads_close(grads(loss, package), grads(expected.loss, oracle), TIGHT, "loss")
+
+
+def block_inputs_cls(plain, x) -> torch.Tensor:
+    """The plain model's CLS token after every block, ``[B, L, D]`` (through its own output_hidden_states)."""
+    hidden = plain(x, output_hidden_states=True).hidden_states[1:]
+    return torch.stack([h[:, 0] for h in hidden], dim=1)
+
+
+@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip", "dinov2_bare"])
+def test_calibration_reads_each_family_s_cls_features(name):
+    plain = plain_model(name, seed=2)
+    model = get_peft_model(copy.deepcopy(plain), ship_peft.ShipConfig(num_prompts=2, num_prototypes=3, share_threshold=0.99))
+    x = pixels(8, seed=2)
+    features = ship_peft.calibration.collect_cls_features(model, [x], show_progress=False)
+    torch.testing.assert_close(features, block_inputs_cls(plain, x))
+    result = ship_peft.initialize_ship_weights(model, [x], show_progress=False)
+    assert result.prompt_layers == ship_peft.semantic_levels(ship_peft.layer_affinity(features), 0.99)
+    assert result.prototypes.shape == (3, 32)
+    model.train()(x)  # calibrated: the adapter runs
+
+
+@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "clip", "clip_vision"])
+def test_save_load_cache_and_checkpointing(name, tmp_path):
+    plain = plain_model(name, seed=3)
+    model = ship_on(plain).eval()
+    x = pixels(seed=3)
+    expected = outputs_of(model(x))
+    model.save_pretrained(tmp_path)
+    if name == "deit_teacher":
+        keys = set(__import__("safetensors.torch").torch.load_file(tmp_path / "adapter_model.safetensors"))
+        assert any("cls_classifier" in k for k in keys) and any("distillation_classifier" in k for k in keys)
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path).eval()
+    for a, b in zip(outputs_of(reloaded(x)), expected):
+        torch.testing.assert_close(a, b)
+    reloaded.enable_prompt_cache()
+    for a, b in zip(outputs_of(reloaded(x)), expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ship_peft.get_ship_layer(reloaded)._prompt_cache is not None
+
+    gradients = []
+    for checkpointing in (False, True):
+        torch.manual_seed(5)
+        trained = ship_on(plain).train()
+        if checkpointing:
+            trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        outputs_of(trained(x))[0].square().mean().backward()
+        gradients.append({n: p.grad for n, p in trained.named_parameters() if p.requires_grad and p.grad is not None})
+    assert gradients[0].keys() == gradients[1].keys() and gradients[0]
+    for key in gradients[0]:
+        torch.testing.assert_close(gradients[0][key], gradients[1][key])
+
+
+def test_a_dinov2_adapter_loads_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    plain = plain_model("dinov2_swiglu", seed=4)
+    plain.save_pretrained(tmp_path / "base")
+    model = ship_on(plain).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    x = pixels(seed=4)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch, ship_peft; from peft import PeftModel; "
+        "from transformers import AutoModelForImageClassification as A; "
+        f"m = PeftModel.from_pretrained(A.from_pretrained({str(tmp_path / 'base')!r}), {str(tmp_path / 'adapter')!r}).eval(); "
+        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), model(x).logits)
+
+
+def test_unsupported_models_say_why_and_list_the_families():
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                  num_attention_heads=2, image_size=16, patch_size=4))
+    with pytest.raises(TypeError, match="no CLS token.*Supported: transformers ViT / DeiT; transformers DINOv2"):
+        get_peft_model(siglip, ship_peft.ShipConfig())
+    with pytest.raises(TypeError, match="not the block sequence of a supported Vision Transformer"):
+        get_peft_model(tiny_vit(), ship_peft.ShipConfig(target_modules=["vit.layers.0"]))
+
+
+def test_attention_mask_is_a_clear_error():
+    model = ship_on(plain_model("dinov2"))
+    with pytest.raises(NotImplementedError, match="takes no attention mask"):
+        mask = torch.ones(4, 17, dtype=torch.bool)
+        mask[:, -1] = False  # an all-true mask is dropped by transformers before the blocks
+        model(pixel_values=pixels(), attention_mask=mask)
+
+
+@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip"])
+def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, capsys):
+    from ship_peft.cli import main
+    from test_data import save_dataset
+
+    folder = tmp_path / name
+    plain_model(name, seed=6).save_pretrained(folder)
+    dataset = save_dataset(tmp_path, {"train": 24, "test": 6})
+    common = ["--model", str(folder), "--dataset", str(dataset), "--no-progress"]
+    assert main(["calibrate", *common, "--output-dir", str(tmp_path / "calibration")]) == 0
+    assert "levels starting at layers" in capsys.readouterr().out
+    train = ["train", *common, "--output-dir", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8"]
+    train += ["--warmup-epochs", "0", "--num-prompts", "2", "--num-attribute-prompts", "3", "--validation-size", "6"]
+    train += ["--num-prototypes", "4"]
+    assert main(train) == 0
+    adapter = tmp_path / "out" / "adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+    assert main(["evaluate", str(adapter), "--dataset", str(dataset)]) == 0
