@@ -81,7 +81,7 @@ def test_backbone_gets_a_new_head_and_keeps_its_weights_and_name(tmp_path):
 
 def test_non_vit_models_and_unreadable_paths_are_clear_errors(tmp_path):
     ResNetConfig().save_pretrained(tmp_path / "resnet")
-    with pytest.raises(InputError, match="is a 'resnet' model; SHIP supports transformers ViT backbones"):
+    with pytest.raises(InputError, match="is a 'resnet' model; the command line trains the model types vit, deit, dinov2"):
         training.load_backbone(str(tmp_path / "resnet"), LABELS)
     with pytest.raises(InputError, match="cannot read a model configuration"):
         training.vit_config(str(tmp_path / "nothing-here"))
