@@ -42,6 +42,7 @@ from .training import (
     TrainSettings,
     adapter_base_model,
     adapter_num_labels,
+    backbone_config,
     build_model,
     calibration_loader,
     calibration_sample,
@@ -53,7 +54,6 @@ from .training import (
     say,
     train_method,
     vision_config,
-    vit_config,
 )
 from .vtab1k import GRID_SETTINGS, GRID_SHIP, VTAB_TASKS, append_row, get_task, load_task, read_rows, results_table
 from .vtab1k import run_task
@@ -363,7 +363,7 @@ def _load_data(args: argparse.Namespace) -> ImageClassificationData:
 
 
 def _processor(model_path: str) -> Any:
-    return load_image_processor(resolve_model_path(model_path), vision_config(vit_config(model_path)).image_size)
+    return load_image_processor(resolve_model_path(model_path), vision_config(backbone_config(model_path)).image_size)
 
 
 def _method_row(trained: TrainedMethod, test_accuracy: float) -> dict[str, Any]:
@@ -521,7 +521,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         trainer = evaluation_trainer(model, args.batch_size, args.bf16, args.output_dir or scratch)
         processor = load_image_processor(
-            [args.adapter, resolve_model_path(model_path)], vision_config(vit_config(model_path)).image_size
+            [args.adapter, resolve_model_path(model_path)], vision_config(backbone_config(model_path)).image_size
         )
         top1, predicted, labels = predict(trainer, with_pixels(dataset, processor), args.split)
     say(f"{args.adapter} on {data.name} {args.split} ({len(dataset)} images): top-1 accuracy {top1:.4f}")

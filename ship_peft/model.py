@@ -19,44 +19,42 @@ from .config import ShipConfig, check_prompt_layers
 from .layer import ShipLayer
 from .registration import SHIP_PREFIX
 
-def find_blocks(model: nn.Module) -> tuple[str, type[Backbone]]:
-    """Name of the one block sequence SHIP wraps in ``model`` and its family, or a clear error naming the supported
-    families."""
-    hosts = [(name, family) for name, module, family in find_hosts(model) if not _inside_ship_layer(model, name)]
-    if not hosts:
+def find_blocks(model: nn.Module) -> str:
+    """Name of the one block sequence SHIP wraps in ``model``, or a clear error naming the supported families."""
+    names = [f"{name}.{family.blocks_path}".lstrip(".") for name, _, family in find_hosts(model)]
+    if not names:
         raise TypeError(
             f"SHIP does not support {type(model).__name__}: it holds no Vision Transformer of a supported family. "
             f"Supported: {supported_families()}."
         )
-    if len(hosts) > 1:
-        names = [_join(name, family.blocks_path) for name, family in hosts]
+    if len(names) > 1:
         raise TypeError(
             f"{type(model).__name__} holds several Vision Transformers ({names}); choose one with "
             f"`ShipConfig(target_modules=[name])`."
         )
-    name, family = hosts[0]
-    return _join(name, family.blocks_path), family
+    return names[0]
 
 
-def _join(host_name: str, blocks_path: str) -> str:
-    return f"{host_name}.{blocks_path}" if host_name else blocks_path
+def resolve_blocks(model: nn.Module, blocks_name: str) -> tuple[nn.Module, type[Backbone]]:
+    """The host module of the block sequence ``blocks_name`` and its family, or a clear error."""
+    for family in FAMILIES:
+        if blocks_name == family.blocks_path or blocks_name.endswith("." + family.blocks_path):
+            host_name = blocks_name[: -len(family.blocks_path)].rstrip(".")
+            host = _submodule_or_none(model, host_name)
+            if family_of(host) is family:
+                return host, family
+    raise TypeError(
+        f"ShipConfig.target_modules names {blocks_name!r}, which is not the block sequence of a supported Vision "
+        f"Transformer (SHIP wraps e.g. `vit.layers`, `dinov2.encoder.layer` or timm's `blocks`; leave "
+        f"`target_modules=None` to find it). Supported: {supported_families()}."
+    )
 
 
-def _inside_ship_layer(model: nn.Module, name: str) -> bool:
-    parts = name.split(".")
-    return any(isinstance(model.get_submodule(".".join(parts[:i])), ShipLayer) for i in range(1, len(parts)))
-
-
-def _submodule(model: nn.Module, name: str) -> Optional[nn.Module]:
+def _submodule_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
     try:
         return model.get_submodule(name)
     except AttributeError:
         return None
-
-
-def host_of(model: nn.Module, blocks_name: str, family: type[Backbone]) -> nn.Module:
-    """The module holding the block sequence ``blocks_name``."""
-    return model.get_submodule(blocks_name[: -len(family.blocks_path)].rstrip("."))
 
 
 @functools.lru_cache(maxsize=None)
@@ -131,29 +129,16 @@ class ShipModel(BaseTuner):
         if isinstance(peft_config.target_modules, str):
             peft_config.target_modules = [peft_config.target_modules]
         if peft_config.target_modules is None:
-            peft_config.target_modules = [find_blocks(model)[0]]
+            peft_config.target_modules = [find_blocks(model)]
         blocks = model.get_submodule(peft_config.target_modules[0])
         if isinstance(blocks, ShipLayer):
             blocks = blocks.base_layer
         if peft_config.modules_to_save is None:
-            family = self._family_of_blocks(model, peft_config.target_modules[0])
+            _, family = resolve_blocks(model, peft_config.target_modules[0])
             heads = [name for name in family.head_names if isinstance(getattr(model, name, None), nn.Module)]
             peft_config.modules_to_save = heads or None
         if peft_config.prompt_layers is not None:
             check_prompt_layers(peft_config.prompt_layers, num_layers=len(blocks))
-
-    @staticmethod
-    def _family_of_blocks(model: nn.Module, blocks_name: str) -> type[Backbone]:
-        """The family whose host holds the block sequence ``blocks_name``, or a clear error."""
-        for family in FAMILIES:
-            host_name = blocks_name[: -len(family.blocks_path)].rstrip(".")
-            if blocks_name.endswith(family.blocks_path) and family_of(_submodule(model, host_name)) is family:
-                return family
-        raise TypeError(
-            f"ShipConfig.target_modules names {blocks_name!r}, which is not the block sequence of a supported Vision "
-            f"Transformer (SHIP wraps e.g. `vit.layers`, `dinov2.encoder.layer` or timm's `blocks`; leave "
-            f"`target_modules=None` to find it). Supported: {supported_families()}."
-        )
 
     def _create_and_replace(
         self,
@@ -167,13 +152,13 @@ class ShipModel(BaseTuner):
         if isinstance(target, ShipLayer):
             target.update_layer(adapter_name, peft_config)
             return
-        family = self._family_of_blocks(self.model, current_key)
+        host, family = resolve_blocks(self.model, current_key)
         backbone = family()
         new_module = ShipLayer(target, adapter_name, peft_config, backbone)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
-        backbone.attach(host_of(self.model, current_key, family), new_module)
+        backbone.attach(host, new_module)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
@@ -187,7 +172,7 @@ class ShipModel(BaseTuner):
             if isinstance(module, ShipLayer):
                 parent = self.model.get_submodule(name.rpartition(".")[0])
                 setattr(parent, name.rpartition(".")[2], module.base_layer)
-                module.backbone.detach(host_of(self.model, name, type(module.backbone)), module)
+                module.backbone.detach(resolve_blocks(self.model, name)[0], module)
         return self.model
 
     def enable_prompt_cache(self) -> None:
@@ -234,8 +219,7 @@ class ShipModel(BaseTuner):
         """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
         (``docs/method.md`` §4)."""
         layer = get_ship_layer(self.model)
-        blocks_name = self.peft_config[self.active_adapters[0]].target_modules[0]
-        host = host_of(self.model, blocks_name, type(layer.backbone))
+        host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         if torch.is_tensor(pixel_values) and not layer.disable_adapters:
             check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))

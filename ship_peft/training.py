@@ -129,7 +129,7 @@ def vision_config(config: transformers.PretrainedConfig) -> transformers.Pretrai
     return getattr(config, "vision_config", None) or config
 
 
-def vit_config(model_path: str) -> transformers.PretrainedConfig:
+def backbone_config(model_path: str) -> transformers.PretrainedConfig:
     """The configuration of ``model_path`` (a Hub id, a folder, or the bundled backbone's name), checked to be of a
     supported family."""
     try:
@@ -154,7 +154,7 @@ def load_backbone(model_path: str, label_names: list[str]) -> transformers.PreTr
 
     ``model_path`` is recorded as the model's name, so adapters name their base as the user did.
     """
-    vit_config(model_path)
+    backbone_config(model_path)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the load report is summarised below
     transformers.logging.disable_progress_bar()

@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import (
     CLIPConfig,
     CLIPForImageClassification,
@@ -173,7 +173,7 @@ def test_training_matches_the_naive_oracle(name, case):
     heads = head_names(model)
     plain_blocks = list(plain_copy.get_submodule(model.peft_config["default"].target_modules[0]))
     parts = [naive_parts(block) for block in plain_blocks]
-    num_heads = 2
+    num_heads = SIZES["num_attention_heads"]
     expected = naive_ship_on_host(plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS)
     assert_no_near_ties(expected)
     outputs = model(pixel_values=x, labels=LABELS) if "teacher" not in name else model(pixel_values=x)
@@ -220,7 +220,7 @@ def test_save_load_cache_and_checkpointing(name, tmp_path):
     expected = outputs_of(model(x))
     model.save_pretrained(tmp_path)
     if name == "deit_teacher":
-        keys = set(__import__("safetensors.torch").torch.load_file(tmp_path / "adapter_model.safetensors"))
+        keys = set(load_file(tmp_path / "adapter_model.safetensors"))
         assert any("cls_classifier" in k for k in keys) and any("distillation_classifier" in k for k in keys)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path).eval()
     for a, b in zip(outputs_of(reloaded(x)), expected):

@@ -84,7 +84,7 @@ def test_non_vit_models_and_unreadable_paths_are_clear_errors(tmp_path):
     with pytest.raises(InputError, match="is a 'resnet' model; the command line trains the model types vit, deit, dinov2"):
         training.load_backbone(str(tmp_path / "resnet"), LABELS)
     with pytest.raises(InputError, match="cannot read a model configuration"):
-        training.vit_config(str(tmp_path / "nothing-here"))
+        training.backbone_config(str(tmp_path / "nothing-here"))
 
 
 def test_calibration_sample_is_random_not_the_first_images():

@@ -13,8 +13,9 @@ from .clip import CLIPBackbone
 from .dinov2 import Dinov2Backbone
 from .vit import ViTBackbone
 
+HAS_TIMM = importlib.util.find_spec("timm") is not None
 FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, CLIPBackbone]
-if importlib.util.find_spec("timm") is not None:
+if HAS_TIMM:
     from .timm_vit import TimmViTBackbone
 
     FAMILIES.append(TimmViTBackbone)
@@ -35,7 +36,7 @@ UNSUPPORTED: dict[str, str] = {
     ),
 }
 
-TIMM_HINT = "" if importlib.util.find_spec("timm") else " (timm VisionTransformer: `pip install ship-peft[timm]`)"
+TIMM_HINT = "" if HAS_TIMM else " (timm VisionTransformer: `pip install ship-peft[timm]`)"
 
 
 def supported_families() -> str:

@@ -15,6 +15,8 @@ from typing import Callable, ClassVar, Optional
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.vit.modeling_vit import eager_attention_forward
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -151,9 +153,6 @@ class TransformersBackbone(Backbone):
         return getattr(block.get_submodule(self.attention_path), self.scaling_name)
 
     def attend(self, block, query, key, value):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.vit.modeling_vit import eager_attention_forward
-
         attention = block.get_submodule(self.attention_path)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
         dropout = getattr(attention, self.attention_dropout_name) if block.training else 0.0
