@@ -9,7 +9,7 @@ block sequence and runs its blocks with prompt tokens appended after the image t
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -113,39 +113,31 @@ class ShipPrompts(nn.Module):
         attribute = self.attribute_prompts[self.attribute_layers.index(layer_index)].to(top_tokens.dtype)
         return self.attribute_mix * pattern + (1.0 - self.attribute_mix) * attribute
 
-    def layer_prompts(
-        self,
-        layer_index: int,
-        carried: Optional[torch.Tensor],
-        top_tokens: Optional[torch.Tensor],
-        batch_size: int,
-        dtype: torch.dtype,
-        static: bool = True,
-        dynamic: bool = True,
-    ) -> Optional[torch.Tensor]:
-        """The prompt tokens entering layer ``layer_index`` (SHIP_METHOD.md §4), ``[B, P, D]``.
+    def static_prompts(self, layer_index: int, carried: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """The input-independent prompts entering layer ``layer_index`` (``docs/method.md`` §2), ``[1 or B, K+S, D]``:
+        ``[SIP_g ; SSP]`` where level ``g`` starts, else ``[carried ; SSP]``.
 
-        ``carried`` is the previous layer's prompt output; ``top_tokens`` its top-A image output tokens (needed only
-        when this layer is an attribute layer). ``static`` selects the input-independent tokens (semantic and shared
-        prompts), ``dynamic`` the attribute prompts; the prompt cache runs them separately (None if there are none).
+        ``carried`` holds the previous layer's semantic-prompt outputs (its shared-prompt outputs already dropped).
         """
-        parts = []
         level = self.level_of(layer_index)
-        if level is None:
-            num_shared = self.num_shared_prompts if static else 0
-            if carried is not None:
-                parts.append(carried[:, : carried.shape[1] - num_shared])
-        else:
-            if static:
-                parts.append(self.semantic_prompts[level].to(dtype).expand(batch_size, -1, -1))
-            if dynamic and layer_index in self.attribute_layers:
-                parts.append(self.attribute_prompts_for(layer_index, top_tokens))
-        if static and self.shared_prompts is not None:
-            parts.append(self.shared_prompts.to(dtype).expand(batch_size, -1, -1))
-        parts = [part for part in parts if part.shape[1]]
-        if not parts:
-            return None
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        semantic = carried if level is None else self.semantic_prompts[level].to(dtype)[None]
+        if self.shared_prompts is None:
+            return semantic
+        shared = self.shared_prompts.to(dtype)[None].expand(semantic.shape[0], -1, -1)
+        return torch.cat([semantic, shared], dim=1)
+
+    def attribute_tokens(
+        self, layer_index: int, carried: Optional[torch.Tensor], top_tokens: Optional[torch.Tensor]
+    ) -> Optional[torch.Tensor]:
+        """The attribute prompts entering layer ``layer_index``, ``[B, A, D]`` (None if none): fresh at an attribute
+        layer, dropped where another level starts, else the previous layer's attribute-prompt outputs ``carried``."""
+        if self.level_of(layer_index) is None:
+            return carried
+        return self.attribute_prompts_for(layer_index, top_tokens) if layer_index in self.attribute_layers else None
+
+    def carries_to(self, layer_index: int) -> bool:
+        """Whether prompt outputs flow into layer ``layer_index`` (False where a level starts: they are dropped)."""
+        return self.level_of(layer_index) is None
 
 
 def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
@@ -179,6 +171,17 @@ def replay_forward_hooks(block: nn.Module, image_input: torch.Tensor, image_outp
             hook(block, (image_input,), image_output)
 
 
+class StaticPath(NamedTuple):
+    """The semantic and shared prompts' path through the blocks, run once for the whole batch.
+
+    ``keys_values[i]``: their keys and values in layer ``i``, ``[1, H, K+S, d]`` each; ``last_inputs``: the tokens
+    entering the last layer ``[1, K+S, D]``, when its prompt outputs are needed (the matching loss), else None.
+    """
+
+    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
+    last_inputs: Optional[torch.Tensor]
+
+
 class ShipLayer(nn.Module, BaseTunerLayer):
     """PEFT tuner layer that runs a backbone's block sequence with SHIP prompts.
 
@@ -200,7 +203,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self._configs: dict[str, ShipConfig] = {}
         self._checked_prototypes: set[str] = set()
         self.use_prompt_cache = False
-        self._prompt_cache: Optional[tuple[tuple, list[tuple[torch.Tensor, torch.Tensor]]]] = None
+        self._prompt_cache: Optional[tuple[tuple, StaticPath]] = None
         self.matching_losses: Optional[list[torch.Tensor]] = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
@@ -247,8 +250,18 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 f"`ship_peft.initialize_ship_weights(model, dataloader)` on your training data first, or give "
                 f"`ShipConfig(prompt_layers=[0, ...])`."
             )
-        prompts = self.ship_prompts[name]
-        if prompts.prototypes is not None and name not in self._checked_prototypes:
+        return self.ship_prompts[name]
+
+    def check_prototypes(self) -> None:
+        """Clear error when the active adapter has attribute prompts but no prototypes (calibration was skipped).
+
+        Checked once per adapter, before the forward (``ShipModel``'s call hook): the look at the values waits for the
+        device.
+        """
+        for name in self.active_adapters:
+            prompts = self.ship_prompts[name] if name in self.ship_prompts else None
+            if prompts is None or prompts.prototypes is None or name in self._checked_prototypes:
+                continue
             if not torch.any(prompts.prototypes != 0):
                 raise RuntimeError(
                     f"SHIP adapter {name!r} has attribute prompts but no prototypes. Call "
@@ -256,7 +269,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                     f"`num_attribute_layers=0`)."
                 )
             self._checked_prototypes.add(name)
-        return prompts
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``hidden_states`` ``[B, N, D]``: the image tokens entering the first block; returns those after the last.
@@ -267,24 +279,37 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             return self.backbone.run_blocks(self, hidden_states, *args, **kwargs)
         check_block_arguments(args, kwargs)
         prompts = self._prompts_for_forward()
-        static_states = self._static_states(prompts, hidden_states) if self._cache_applies(prompts) else None
-        image_tokens, matching_loss = self._encode(hidden_states, prompts, static_states)
+        want_matching = self.training and prompts.matching_loss_weight > 0
+        static = self._static_path(prompts, hidden_states, want_matching) if self._shares_prompts(prompts) else None
+        image_tokens, matching_loss = self._encode(hidden_states, prompts, static, want_matching)
         if matching_loss is not None and self.matching_losses is not None:
             self.matching_losses.append(matching_loss)
         return image_tokens
 
-    def _cache_applies(self, prompts: ShipPrompts) -> bool:
-        return self.use_prompt_cache and not self.training and prompts.decoupled_attention
+    def _shares_prompts(self, prompts: ShipPrompts) -> bool:
+        """Whether the semantic and shared prompts take the same path for every sample, so that it runs once.
 
-    def _static_states(
-        self, prompts: ShipPrompts, image_tokens: torch.Tensor
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Keys and values of the semantic and shared prompts entering every layer (``docs/method.md``), cached.
-
-        With decoupled attention these tokens never attend to the image (they bypass attention in every layer but
-        the last, whose prompt outputs do not reach the logits), so they are the same for every input. The cache is
-        rebuilt whenever a prompt or backbone tensor, the dtype, the device or autocast changes.
+        With decoupled attention they never read the image before the last layer (they bypass attention), so their
+        path is the same for all samples, unless training draws random numbers per sample on it: SHIP's stochastic
+        depth or the backbone's own dropout or stochastic depth. Then each sample runs its own copy, as the method
+        is written.
         """
+        if not prompts.decoupled_attention:
+            return False
+        if not self.training:
+            return True
+        return prompts.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.blocks))
+
+    def _static_path(self, prompts: ShipPrompts, image_tokens: torch.Tensor, want_matching: bool) -> StaticPath:
+        """The semantic and shared prompts' path through the blocks, for the whole batch at once.
+
+        In training it runs in every forward, with autograd, so the prompts' gradients sum over the batch. In eval
+        with the prompt cache (:meth:`ShipModel.enable_prompt_cache`) it is memoised, and rebuilt whenever a prompt or
+        backbone tensor, the dtype, the device or autocast changes (the key reads host-side counters only:
+        ``data_ptr`` and ``_version``, no device value). Under ``torch.compile`` it is part of the graph instead.
+        """
+        if not self.use_prompt_cache or self.training or torch.compiler.is_compiling():
+            return self._run_static_prompts(prompts, image_tokens.dtype, want_matching)
         tensors = [*prompts.parameters(), *self.base_layer.parameters()]
         key = (
             id(prompts),
@@ -295,59 +320,86 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         )
         if self._prompt_cache is None or self._prompt_cache[0] != key:
             with torch.no_grad():
-                self._prompt_cache = (key, self._run_static_prompts(prompts, image_tokens.dtype))
+                self._prompt_cache = (key, self._run_static_prompts(prompts, image_tokens.dtype, False))
         return self._prompt_cache[1]
 
-    def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        states, carried = [], None
+    def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype, keep_last_inputs: bool) -> StaticPath:
+        """Run the semantic and shared prompts through the blocks at batch size 1 (``docs/method.md`` §3: they bypass
+        attention, ``a_p = LN1(p)``).
+
+        Only the work whose result is used is done: every layer's keys and values, and the rest of a block only for
+        the semantic prompts that flow on to the next layer (shared-prompt outputs are replaced by fresh ones at every
+        layer, and a level's outputs are dropped where the next level starts). The last layer's prompts attend to
+        every sample's tokens, so they are returned as they enter it (``keep_last_inputs``) for the per-sample pass.
+        """
+        keys_values, carried, tokens = [], None, None
+        last = self.num_layers - 1
         for index, block in enumerate(self.blocks):
-            tokens = prompts.layer_prompts(index, carried, None, 1, dtype, dynamic=False)
+            tokens = prompts.static_prompts(index, carried, dtype)
             normed = self.backbone.norm1(block, tokens)
-            states.append(self.backbone.key_value(block, normed))
-            carried = self._residual_update(block, tokens, normed)  # prompts bypass attention: a_p = LN1(p)
-        return states
+            keys_values.append(self.backbone.key_value(block, normed))
+            if index < last and prompts.carries_to(index + 1):
+                semantic = tokens.shape[1] - prompts.num_shared_prompts
+                carried = self._residual_update(block, tokens[:, :semantic], normed[:, :semantic])
+        return StaticPath(keys_values, tokens if keep_last_inputs else None)
 
     def _encode(
         self,
         image_tokens: torch.Tensor,
         prompts: ShipPrompts,
-        static_states: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None,
+        static: Optional[StaticPath],
+        want_matching: bool,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Run every block with its prompts; returns the last block's image tokens and the matching loss.
 
-        With ``static_states`` (the prompt cache, eval only) the semantic and shared prompts are not run: their keys
-        and values per layer are given, and only the attribute prompts travel with the image tokens.
+        Each sample's tokens are ``[image ; semantic and shared prompts ; attribute prompts]``. With ``static`` (the
+        shared path) the semantic and shared prompts are not among them: their keys and values per layer are given,
+        shared by every sample, and they join the sample's tokens only in the last layer when the matching loss needs
+        their outputs.
         """
         batch_size, num_image_tokens, _ = image_tokens.shape
         last = self.num_layers - 1
-        cached = static_states is not None
-        want_matching = self.training and prompts.matching_loss_weight > 0
         checkpoint = self.backbone.gradient_checkpointing(self) if self.training and torch.is_grad_enabled() else None
-        carried, top_tokens, matching_loss = None, None, None
+        semantic, attribute, top_tokens, scores = None, None, None, None
         for index, block in enumerate(self.blocks):
-            prompt_tokens = prompts.layer_prompts(
-                index, carried, top_tokens, batch_size, image_tokens.dtype, static=not cached
-            )
-            tokens = image_tokens if prompt_tokens is None else torch.cat([image_tokens, prompt_tokens], dim=1)
-            need_scores = (index + 1) in prompts.attribute_layers or (index == last and want_matching)
+            attribute = prompts.attribute_tokens(index, attribute, top_tokens)
+            static_state = static.keys_values[index] if static is not None else ()
+            if static is None:
+                static_tokens = prompts.static_prompts(index, semantic, image_tokens.dtype).expand(batch_size, -1, -1)
+            elif index == last and want_matching:
+                static_tokens, static_state = static.last_inputs.expand(batch_size, -1, -1), ()
+            else:
+                static_tokens = None
+            prompt_tokens = [part for part in (static_tokens, attribute) if part is not None]
+            tokens = torch.cat([image_tokens, *prompt_tokens], dim=1) if prompt_tokens else image_tokens
+            num_static = 0 if static_tokens is None else static_tokens.shape[1]
+            keep = tokens.shape[1]
+            if static is not None and not (index == last and want_matching):
+                keep = num_image_tokens + num_static  # no attribute-prompt output is needed after this layer ...
+                if index < last and prompts.carries_to(index + 1):
+                    keep = tokens.shape[1]  # ... unless it flows into the next layer
             step = partial(
                 self._layer_forward,
                 block,
                 num_image_tokens=num_image_tokens,
                 prompts=prompts,
-                prompt_attention=(index == last and not cached),
-                need_scores=need_scores,
-                static_state=static_states[index] if cached else None,
+                prompt_attention=index == last and (want_matching or not prompts.decoupled_attention),
+                need_scores=(index + 1) in prompts.attribute_layers or (index == last and want_matching),
+                keep=keep,
                 drop_rate=self._drop_rate(prompts, index),
             )
-            tokens, scores = checkpoint(step, tokens) if checkpoint is not None else step(tokens)
+            tokens, scores = checkpoint(step, tokens, *static_state) if checkpoint else step(tokens, *static_state)
             replay_forward_hooks(block, image_tokens, tokens[:, :num_image_tokens])
-            image_tokens, carried = tokens[:, :num_image_tokens], tokens[:, num_image_tokens:]
+            image_tokens = tokens[:, :num_image_tokens]
+            end_of_static = num_image_tokens + num_static
+            semantic = tokens[:, num_image_tokens : end_of_static - prompts.num_shared_prompts]
+            attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
             if (index + 1) in prompts.attribute_layers:
                 top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
-        if want_matching:
-            matching_loss = prompt_matching_loss(carried, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
-        return image_tokens, matching_loss
+        if not want_matching:
+            return image_tokens, None
+        prompt_outputs = tokens[:, num_image_tokens:]
+        return image_tokens, prompt_matching_loss(prompt_outputs, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
 
     def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
         """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""
@@ -365,24 +417,29 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self,
         block: nn.Module,
         tokens: torch.Tensor,
+        static_key: Optional[torch.Tensor] = None,
+        static_value: Optional[torch.Tensor] = None,
         *,
         num_image_tokens: int,
         prompts: ShipPrompts,
         prompt_attention: bool,
         need_scores: bool,
-        static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+        keep: int,
         drop_rate: float = 0.0,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
-        stochastic depth ``drop_rate`` (§6).
+        stochastic depth ``drop_rate`` (§6). ``static_key`` / ``static_value`` ``[1, H, P, d]`` are the shared path's
+        prompt keys and values, attended by every sample's image queries.
 
-        Returns the block output and, if ``need_scores``, the CLS query's pre-softmax scores over the image keys.
+        Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the CLS
+        query's pre-softmax scores over the image keys.
         """
         normed = self.backbone.norm1(block, tokens)
+        static_state = None if static_key is None else (static_key, static_value)
         attended, scores = self._attention(
             block, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
         )
-        return self._residual_update(block, tokens, attended, drop_rate), scores
+        return self._residual_update(block, tokens[:, :keep], attended[:, :keep], drop_rate), scores
 
     def _attention(
         self,
@@ -397,7 +454,8 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
         asked.
 
-        ``static_state`` holds cached prompt keys and values ``[1, H, P_static, d]`` that join the prompt keys.
+        ``static_state`` holds the shared path's prompt keys and values ``[1, H, P_static, d]``, which join the
+        sample's own prompt keys.
         """
         backbone = self.backbone
         queries_all = prompt_attention or not prompts.decoupled_attention
@@ -407,23 +465,45 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         image_key, prompt_key = key[:, :, :num_image_tokens], key[:, :, num_image_tokens:]
         image_value, prompt_value = value[:, :, :num_image_tokens], value[:, :, num_image_tokens:]
         scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
-        if static_state is not None:
-            batch_size = normed.shape[0]
-            prompt_key = torch.cat([static_state[0].expand(batch_size, -1, -1, -1), prompt_key], dim=2)
-            prompt_value = torch.cat([static_state[1].expand(batch_size, -1, -1, -1), prompt_value], dim=2)
 
         if not prompts.decoupled_attention:
             return backbone.attend(block, query, key, value), scores
 
         weight = prompts.prompt_attention_weight
         image_output = (1.0 - weight) * backbone.attend(block, image_query, image_key, image_value) + weight * (
-            backbone.attend(block, image_query, prompt_key, prompt_value)
+            self._attend_prompts(block, image_query, prompt_key, prompt_value, static_state)
         )
         if prompt_attention:
             prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
         else:
             prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
         return torch.cat([image_output, prompt_output], dim=1), scores
+
+    def _attend_prompts(
+        self,
+        block: nn.Module,
+        image_query: torch.Tensor,
+        prompt_key: torch.Tensor,
+        prompt_value: torch.Tensor,
+        static_state: Optional[tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The image queries' softmax over the prompt keys: the sample's own and the shared path's, ``[B, N, H*d]``.
+
+        Shared keys alone are attended by all samples at once: the batch folds into the query rows (a view), so no
+        sample gets a copy of them. Next to per-sample attribute-prompt keys they are broadcast into one key set per
+        sample, as one softmax needs.
+        """
+        if static_state is None:
+            return self.backbone.attend(block, image_query, prompt_key, prompt_value)
+        static_key, static_value = static_state
+        batch_size, num_heads, num_queries, head_dim = image_query.shape
+        if prompt_key.shape[2] == 0:
+            folded = image_query.transpose(1, 2).reshape(1, batch_size * num_queries, num_heads, head_dim)
+            attended = self.backbone.attend(block, folded.transpose(1, 2), static_key, static_value)
+            return attended.view(batch_size, num_queries, -1)
+        key = torch.cat([static_key.expand(batch_size, -1, -1, -1), prompt_key], dim=2)
+        value = torch.cat([static_value.expand(batch_size, -1, -1, -1), prompt_value], dim=2)
+        return self.backbone.attend(block, image_query, key, value)
 
     def merge(self, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

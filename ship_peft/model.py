@@ -75,13 +75,26 @@ def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> N
     """Clear error for class labels outside ``[0, num_labels)`` (-100, the ignore index, is allowed)."""
     if labels is None or num_labels is None or not torch.is_tensor(labels) or labels.is_floating_point():
         return
-    valid = labels[labels != -100]
-    if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
-        raise ValueError(
-            f"labels must lie in [0, {num_labels}) (the model has num_labels={num_labels}), got values from "
-            f"{valid.min().item()} to {valid.max().item()}; create the model with the dataset's number of classes "
-            f"(`from_pretrained(..., num_labels=...)`) or fix the labels."
-        )
+    valid = (labels == -100) | ((labels >= 0) & (labels < num_labels))
+    assert_values(
+        valid.all(),
+        f"labels must lie in [0, {num_labels}) (the model has num_labels={num_labels}), or be -100 (ignored); create "
+        f"the model with the dataset's number of classes (`from_pretrained(..., num_labels=...)`) or fix the labels.",
+    )
+
+
+def assert_values(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless the boolean tensor ``condition`` holds, without making the host wait.
+
+    On CPU, where there is nothing to wait for, it is checked at once. On an accelerator, and while ``torch.compile``
+    traces, it is an asynchronous device assert (``torch._assert_async``): the step is not held up, and a failure
+    surfaces, with ``message``, at the next synchronisation.
+    """
+    if condition.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(condition):
+            raise ValueError(message)
+    else:
+        torch._assert_async(condition, message)
 
 
 def get_ship_layer(model: nn.Module) -> ShipLayer:
@@ -221,8 +234,10 @@ class ShipModel(BaseTuner):
         layer = get_ship_layer(self.model)
         host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
-        if torch.is_tensor(pixel_values) and not layer.disable_adapters:
-            check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
+        if not layer.disable_adapters:
+            layer.check_prototypes()
+            if torch.is_tensor(pixel_values):
+                check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         num_items_in_batch = kwargs.get("num_items_in_batch")
         self.last_matching_loss = None
@@ -269,7 +284,7 @@ def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.
             f"The images are {height}x{width} but the backbone takes {expected_size[0]}x{expected_size[1]}; resize "
             f"them with the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
         )
-    if not torch.isfinite(pixel_values).all():
-        raise ValueError(
-            "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std)."
-        )
+    assert_values(
+        torch.isfinite(pixel_values).all(),
+        "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std).",
+    )

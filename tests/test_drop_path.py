@@ -38,7 +38,7 @@ def test_layer_rates_grow_linearly_with_depth_in_training_only(monkeypatch):
     assert rates == pytest.approx([rate for rate in expected for _ in range(2)])  # attention and MLP branches
     rates.clear()
     model.eval()(pixel_values=pixels())
-    assert rates == [0.0] * 8
+    assert rates and set(rates) == {0.0}
 
 
 def test_evaluation_ignores_drop_path():

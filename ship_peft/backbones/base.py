@@ -52,6 +52,14 @@ class Backbone:
     def detach(self, host: nn.Module, ship_layer: nn.Module) -> None:
         """Undo :meth:`attach` when the adapter is unloaded."""
 
+    def is_stochastic(self, block: nn.Module) -> bool:
+        """Whether ``block`` draws random numbers in training (dropout or stochastic depth with a rate above 0).
+
+        Then the prompts' path through it differs between samples and is not shared across the batch. Any dropout
+        module of the block counts, even one on the attention probabilities (which prompts bypass): a safe default.
+        """
+        return any(_random_rate(module) > 0 for module in block.modules())
+
     def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
         """The checkpoint function when the backbone asks for gradient checkpointing, else None."""
         raise NotImplementedError
@@ -172,3 +180,10 @@ class TransformersBackbone(Backbone):
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
+
+
+def _random_rate(module: nn.Module) -> float:
+    """The rate of a dropout module (``p``) or a stochastic-depth module (``drop_prob``: timm, transformers), else 0."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    return getattr(module, "drop_prob", 0.0) or 0.0

@@ -1,0 +1,184 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The shared prompt path (``docs/method.md`` §3): the semantic and shared prompts run once per batch, in training as
+in inference, and give the same logits, losses and gradients as every sample carrying its own copy."""
+
+from __future__ import annotations
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+import ship_peft
+from ship_peft.layer import ShipLayer
+
+from conftest import pixels, tiny_ship_model
+
+LABELS = torch.tensor([0, 1, 2, 1, 0])
+
+CONFIGS = {
+    "default": {},
+    "no-shared-prompts": {"num_shared_prompts": 0},
+    "no-attribute-layers": {"num_attribute_layers": 0},
+    "a-level-per-layer": {"prompt_layers": [0, 1, 2, 3]},
+    "attribute-level-is-last-layer": {"prompt_layers": [0, 3], "num_attribute_layers": 1},
+    "one-level": {"prompt_layers": [0], "num_shared_prompts": 2},
+    "no-matching-loss": {"matching_loss_weight": 0.0},
+}
+
+
+@contextlib.contextmanager
+def per_sample_path():
+    """Every sample carries its own copy of the semantic and shared prompts (the method as written)."""
+    with mock.patch.object(ShipLayer, "_shares_prompts", lambda self, prompts: False):
+        yield
+
+
+@contextlib.contextmanager
+def counting_static_runs():
+    """Counts the runs of the shared path (``ShipLayer._run_static_prompts``)."""
+    runs = []
+    original = ShipLayer._run_static_prompts
+    with mock.patch.object(ShipLayer, "_run_static_prompts", lambda *a: runs.append(1) or original(*a)):
+        yield runs
+
+
+def train_step(model, x, labels=LABELS, autocast: bool = False) -> dict[str, torch.Tensor]:
+    """One training forward and backward: the outputs and every trainable parameter's gradient."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        outputs = model(pixel_values=x, labels=labels[: len(x)])
+    outputs.loss.backward()
+    result = {name: outputs[name].detach().float() for name in ("logits", "loss", "matching_loss") if name in outputs}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            result[f"grad {name}"] = parameter.grad.float()
+    return result
+
+
+def assert_same(shared: dict, per_sample: dict, **tolerance) -> None:
+    assert shared.keys() == per_sample.keys()
+    for name in shared:
+        torch.testing.assert_close(shared[name], per_sample[name], msg=lambda m, n=name: f"{n}: {m}", **tolerance)
+
+
+def both_paths(model, step) -> tuple[dict, dict]:
+    with counting_static_runs() as runs:
+        shared = step(model)
+    assert runs, "the shared path did not run"
+    with per_sample_path():
+        per_sample = step(model)
+    return shared, per_sample
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_training_equals_the_per_sample_path_in_float64(config):
+    model = tiny_ship_model(seed=3, **config).double()
+    x = pixels(5, seed=4).double()
+    shared, per_sample = both_paths(model, lambda m: train_step(m, x))
+    assert any(name.startswith("grad") and "semantic_prompts" in name for name in shared)
+    assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_training_with_gradient_checkpointing_equals_the_per_sample_path(reentrant):
+    model = tiny_ship_model(seed=5).double()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    x = pixels(5, seed=6).double()
+    shared, per_sample = both_paths(model, lambda m: train_step(m, x))
+    assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)
+    model.activation_checkpointing_disable()
+    assert_same(train_step(model, x), per_sample, rtol=1e-12, atol=1e-12)
+
+
+def test_training_under_bf16_autocast_equals_the_per_sample_path():
+    model = tiny_ship_model(seed=7)
+    x = pixels(5, seed=8)
+    shared, per_sample = both_paths(model, lambda m: train_step(m, x, autocast=True))
+    assert_same(shared, per_sample, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
+def test_eval_equals_the_per_sample_path(cache):
+    model = tiny_ship_model(seed=9).double().eval()
+    if cache:
+        model.enable_prompt_cache()
+    x = pixels(5, seed=10).double()
+    shared, per_sample = both_paths(model, lambda m: {"logits": m(pixel_values=x).logits})
+    assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)
+
+
+def mlp_token_counts(model) -> list[tuple[int, int]]:
+    """``(batch, tokens)`` of every call of every block's MLP during one training step."""
+    calls = []
+    layer = ship_peft.get_ship_layer(model)
+    handles = [
+        block.mlp.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape[:2])))
+        for block in layer.blocks
+    ]
+    try:
+        train_step(model, pixels(5, seed=1))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def test_samples_carry_no_copy_of_the_static_prompts_before_the_last_layer():
+    # tiny ViT: N = 17 image tokens, 4 layers; K = 3, S = 10, A = 4 at layer 2 and 3 ([0, 2, 3]).
+    model = tiny_ship_model(seed=1)
+    calls = mlp_token_counts(model)
+    per_sample = [tokens for batch, tokens in calls if batch == 5]
+    static = [tokens for batch, tokens in calls if batch == 1]
+    # Per sample: image tokens only until the attribute level (layer 2; the level ends there, so its attribute
+    # outputs are not needed), then the last layer with all K + S + A prompts for the matching loss.
+    assert per_sample == [17, 17, 17, 17 + 3 + 10 + 4]
+    # Once for the batch: the semantic prompts that flow on from layer 0 to 1 (the shared ones are replaced).
+    assert static == [3]
+    with per_sample_path():
+        assert [tokens for _, tokens in mlp_token_counts(model)] == [17 + 13, 17 + 13, 17 + 13 + 4, 17 + 13 + 4]
+
+
+def test_attribute_outputs_flow_on_within_their_level():
+    model = tiny_ship_model(seed=1, prompt_layers=[0, 1], num_attribute_layers=1, matching_loss_weight=0.0)
+    per_sample = [tokens for batch, tokens in mlp_token_counts(model) if batch == 5]
+    # layer 1 starts the attribute level (A = 4), whose outputs flow into layers 2 and 3; the last layer's prompt
+    # outputs feed nothing without the matching loss.
+    assert per_sample == [17, 17 + 4, 17 + 4, 17]
+
+
+@pytest.mark.parametrize(
+    "config, vit_overrides",
+    [({"drop_path_rate": 0.3}, {}), ({}, {"hidden_dropout_prob": 0.2})],
+    ids=["ship-stochastic-depth", "backbone-hidden-dropout"],
+)
+def test_randomness_on_the_prompt_path_falls_back_to_per_sample_prompts(config, vit_overrides):
+    model = tiny_ship_model(seed=11, vit_overrides=vit_overrides, **config)
+    x = pixels(5, seed=12)
+    with counting_static_runs() as runs:
+        torch.manual_seed(0)
+        fallback = train_step(model, x)
+    assert not runs
+    with per_sample_path():
+        torch.manual_seed(0)
+        assert_same(fallback, train_step(model, x), rtol=0, atol=0)
+    with counting_static_runs() as runs:
+        model.eval()(pixel_values=x)  # no randomness in eval: shared
+    assert runs
+
+
+def test_attention_probability_dropout_keeps_the_shared_path():
+    model = tiny_ship_model(seed=13, vit_overrides={"attention_probs_dropout_prob": 0.1})  # prompts bypass it
+    with counting_static_runs() as runs:
+        train_step(model, pixels(5, seed=14))
+    assert runs
+
+
+def test_joint_softmax_runs_per_sample():
+    model = tiny_ship_model(seed=15, decoupled_attention=False)
+    with counting_static_runs() as runs:
+        train_step(model, pixels(5, seed=16))
+        model.eval()(pixel_values=pixels(5, seed=16))
+    assert not runs
