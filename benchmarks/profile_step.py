@@ -74,9 +74,13 @@ def _total_time(event: Any, cuda: bool) -> float:
     return event.cpu_time_total
 
 
-def step_function(model: torch.nn.Module, settings: speed.BenchSettings, mode: str) -> Callable[[], None]:
-    """A training step with labelled phases, or an eval forward."""
+def step_function(
+    model: torch.nn.Module, settings: speed.BenchSettings, mode: str, input_gradient: bool = False
+) -> Callable[[], None]:
+    """A training step with labelled phases (``input_gradient``: the backward reaches the images), or an eval
+    forward."""
     pixels, labels = speed.make_batch(settings)
+    pixels.requires_grad_(input_gradient and mode == "train")
     autocast = (
         (lambda: torch.autocast(torch.device(settings.device).type, dtype=torch.bfloat16))
         if settings.dtype == "bf16"
@@ -124,7 +128,10 @@ def profile_methods(
     cuda = torch.device(settings.device).type == "cuda"
     if mode == "train" and "ship_cache" in methods:
         raise ValueError("ship_cache is eval-only; profile it with --mode eval.")
-    functions = {method: step_function(speed.build_model(method, settings), settings, mode) for method in methods}
+    functions = {
+        method: step_function(speed.build_model(method, settings), settings, mode, method in speed.INPUT_GRADIENT_METHODS)
+        for method in methods
+    }
     for _ in range(warmup):
         for function in functions.values():
             function()
@@ -207,7 +214,9 @@ def count_flops(methods: list[str], settings: speed.BenchSettings, mode: str) ->
     }
     counts = {}
     for method in methods:
-        function = step_function(speed.build_model(method, settings), settings, mode)
+        function = step_function(
+            speed.build_model(method, settings), settings, mode, method in speed.INPUT_GRADIENT_METHODS
+        )
         function()  # warm-up: the prompt cache is built on the first eval call, not on every one
         with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
             function()

@@ -140,6 +140,12 @@ class ShipPrompts(nn.Module):
         return self.level_of(layer_index) is None
 
 
+def leading(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """The first ``length`` entries of ``tensor`` along ``dim``; the tensor itself when that is all of it, so that
+    autograd records no slice (whose backward writes the gradient into a zero-filled copy)."""
+    return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
+
+
 def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
     """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
     scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
@@ -390,7 +396,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             )
             tokens, scores = checkpoint(step, tokens, *static_state) if checkpoint else step(tokens, *static_state)
             replay_forward_hooks(block, image_tokens, tokens[:, :num_image_tokens])
-            image_tokens = tokens[:, :num_image_tokens]
+            image_tokens = leading(tokens, num_image_tokens, 1)
             end_of_static = num_image_tokens + num_static
             semantic = tokens[:, num_image_tokens : end_of_static - prompts.num_shared_prompts]
             attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
@@ -439,7 +445,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         attended, scores = self._attention(
             block, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
         )
-        return self._residual_update(block, tokens[:, :keep], attended[:, :keep], drop_rate), scores
+        return self._residual_update(block, leading(tokens, keep, 1), leading(attended, keep, 1), drop_rate), scores
 
     def _attention(
         self,
@@ -459,20 +465,24 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         """
         backbone = self.backbone
         queries_all = prompt_attention or not prompts.decoupled_attention
-        query = backbone.query(block, normed if queries_all else normed[:, :num_image_tokens])
+        query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
         key, value = backbone.key_value(block, normed)
-        image_query = query[:, :, :num_image_tokens]
-        image_key, prompt_key = key[:, :, :num_image_tokens], key[:, :, num_image_tokens:]
-        image_value, prompt_value = value[:, :, :num_image_tokens], value[:, :, num_image_tokens:]
+        image_query = leading(query, num_image_tokens, 2)
+        image_key, prompt_key = leading(key, num_image_tokens, 2), key[:, :, num_image_tokens:]
+        image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
         scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
 
         if not prompts.decoupled_attention:
             return backbone.attend(block, query, key, value), scores
 
-        weight = prompts.prompt_attention_weight
-        image_output = (1.0 - weight) * backbone.attend(block, image_query, image_key, image_value) + weight * (
-            self._attend_prompts(block, image_query, prompt_key, prompt_value, static_state)
+        # (1 - lambda) * image attention + lambda * prompt attention
+        image_output = torch.lerp(
+            backbone.attend(block, image_query, image_key, image_value),
+            self._attend_prompts(block, image_query, prompt_key, prompt_value, static_state),
+            prompts.prompt_attention_weight,
         )
+        if normed.shape[1] == num_image_tokens:
+            return image_output, scores
         if prompt_attention:
             prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
         else:
