@@ -363,27 +363,15 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         shared by every sample, and they join the sample's tokens only in the last layer when the matching loss needs
         their outputs.
         """
-        batch_size, num_image_tokens, _ = image_tokens.shape
+        num_image_tokens = image_tokens.shape[1]
         last = self.num_layers - 1
         checkpoint = self.backbone.gradient_checkpointing(self) if self.training and torch.is_grad_enabled() else None
         semantic, attribute, top_tokens, scores = None, None, None, None
         for index, block in enumerate(self.blocks):
             attribute = prompts.attribute_tokens(index, attribute, top_tokens)
-            static_state = static.keys_values[index] if static is not None else ()
-            if static is None:
-                static_tokens = prompts.static_prompts(index, semantic, image_tokens.dtype).expand(batch_size, -1, -1)
-            elif index == last and want_matching:
-                static_tokens, static_state = static.last_inputs.expand(batch_size, -1, -1), ()
-            else:
-                static_tokens = None
-            prompt_tokens = [part for part in (static_tokens, attribute) if part is not None]
-            tokens = torch.cat([image_tokens, *prompt_tokens], dim=1) if prompt_tokens else image_tokens
-            num_static = 0 if static_tokens is None else static_tokens.shape[1]
-            keep = tokens.shape[1]
-            if static is not None and not (index == last and want_matching):
-                keep = num_image_tokens + num_static  # no attribute-prompt output is needed after this layer ...
-                if index < last and prompts.carries_to(index + 1):
-                    keep = tokens.shape[1]  # ... unless it flows into the next layer
+            tokens, static_state, num_static, keep = self._layer_inputs(
+                index, prompts, image_tokens, semantic, attribute, static, want_matching
+            )
             step = partial(
                 self._layer_forward,
                 block,
@@ -395,8 +383,8 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 drop_rate=self._drop_rate(prompts, index),
             )
             tokens, scores = checkpoint(step, tokens, *static_state) if checkpoint else step(tokens, *static_state)
-            replay_forward_hooks(block, image_tokens, tokens[:, :num_image_tokens])
-            image_tokens = leading(tokens, num_image_tokens, 1)
+            block_input, image_tokens = image_tokens, leading(tokens, num_image_tokens, 1)
+            replay_forward_hooks(block, block_input, image_tokens)
             end_of_static = num_image_tokens + num_static
             semantic = tokens[:, num_image_tokens : end_of_static - prompts.num_shared_prompts]
             attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
@@ -404,8 +392,41 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
         if not want_matching:
             return image_tokens, None
-        prompt_outputs = tokens[:, num_image_tokens:]
-        return image_tokens, prompt_matching_loss(prompt_outputs, gather_top_tokens(image_tokens, scores, prompts.matching_top_k))
+        top_tokens = gather_top_tokens(image_tokens, scores, prompts.matching_top_k)
+        return image_tokens, prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens)
+
+    def _layer_inputs(
+        self,
+        index: int,
+        prompts: ShipPrompts,
+        image_tokens: torch.Tensor,
+        semantic: Optional[torch.Tensor],
+        attribute: Optional[torch.Tensor],
+        static: Optional[StaticPath],
+        want_matching: bool,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int, int]:
+        """What every sample takes into layer ``index``: its tokens ``[image ; static prompts ; attribute prompts]``,
+        the shared path's keys and values it attends to (empty when it carries the static prompts itself), the number
+        of static prompts among its tokens, and how many of its leading tokens' outputs are needed after the layer.
+
+        ``semantic`` / ``attribute``: the previous layer's semantic- and attribute-prompt outputs of this sample.
+        """
+        batch_size, num_image_tokens, _ = image_tokens.shape
+        last = self.num_layers - 1
+        static_state, static_tokens = (), None
+        if static is None:
+            static_tokens = prompts.static_prompts(index, semantic, image_tokens.dtype).expand(batch_size, -1, -1)
+        elif index == last and want_matching:  # the prompts attend to each sample's tokens
+            static_tokens = static.last_inputs.expand(batch_size, -1, -1)
+        else:
+            static_state = static.keys_values[index]
+        prompt_tokens = [part for part in (static_tokens, attribute) if part is not None]
+        tokens = torch.cat([image_tokens, *prompt_tokens], dim=1) if prompt_tokens else image_tokens
+        num_static = 0 if static_tokens is None else static_tokens.shape[1]
+        keep = tokens.shape[1]  # the per-sample path computes every output, as the method is written
+        if static_state and not (index < last and prompts.carries_to(index + 1)):
+            keep = num_image_tokens  # the attribute-prompt outputs are dropped after this layer
+        return tokens, static_state, num_static, keep
 
     def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
         """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""

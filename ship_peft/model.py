@@ -189,12 +189,13 @@ class ShipModel(BaseTuner):
         return self.model
 
     def enable_prompt_cache(self) -> None:
-        """Cache the semantic and shared prompts' keys and values for inference (SHIP_METHOD.md §6).
+        """Memoise the semantic and shared prompts' path for inference (``docs/method.md`` §5).
 
-        In eval mode these prompts follow the same trajectory for every input, so they are run once (and again only
-        after a parameter, dtype, device or autocast change) and an input then costs the backbone plus its attention
-        to the cached prompts and the few attribute prompts. Logits are those of the uncached path up to float
-        rounding. Training mode always runs the full method. Needs ``decoupled_attention=True``.
+        With decoupled attention these prompts follow the same path for every input, so every forward already runs
+        it once for the whole batch; with the cache, eval-mode forwards also reuse it from one call to the next (it
+        is rebuilt after a parameter, dtype, device or autocast change). Logits are those of the uncached path up to
+        float rounding. Training runs the shared path afresh in every step (its gradients are needed). Needs
+        ``decoupled_attention=True``.
         """
         layer = get_ship_layer(self.model)
         for name in self.active_adapters:
@@ -206,7 +207,7 @@ class ShipModel(BaseTuner):
         layer.use_prompt_cache = True
 
     def disable_prompt_cache(self) -> None:
-        """Run the full method in eval mode too (the default) and free the cache."""
+        """Run the shared prompt path afresh in every eval forward too (the default) and free the cache."""
         layer = get_ship_layer(self.model)
         layer.use_prompt_cache = False
         layer._prompt_cache = None
