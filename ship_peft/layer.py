@@ -8,6 +8,7 @@ block sequence and runs its blocks with prompt tokens appended after the image t
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Iterator, NamedTuple, Optional
 
@@ -208,6 +209,11 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self.ship_prompts = nn.ModuleDict({})
         self._configs: dict[str, ShipConfig] = {}
         self._checked_prototypes: set[str] = set()
+        #: per adapter, PEFT's ``autocast_adapter_dtype`` (True: float16/bfloat16 blocks get float32 prompts)
+        self.autocast_adapter_dtype: dict[str, bool] = {}
+        # every PEFT tuner layer has these; SHIP wraps a block sequence, which has neither
+        self.in_features: Optional[int] = None
+        self.out_features: Optional[int] = None
         self.use_prompt_cache = False
         self._prompt_cache: Optional[tuple[tuple, StaticPath]] = None
         self.matching_losses: Optional[list[torch.Tensor]] = None
@@ -239,9 +245,29 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         if config.prompt_layers is None:
             return
         self.ship_prompts[adapter_name] = ShipPrompts(config, self.hidden_size)
-        device = next(self.base_layer.parameters()).device
-        self._move_adapter_to_device_of_base_layer(adapter_name, device=device)  # skips meta (low_cpu_mem_usage)
+        self.place_adapter(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def place_adapter(self, adapter_name: str) -> None:
+        """Put adapter ``adapter_name``'s tensors on the blocks' device and dtype, as PEFT does for LoRA, except that
+        float16/bfloat16 blocks get float32 prompts unless the adapter was created with
+        ``autocast_adapter_dtype=False``. Adapters created on the meta device (``low_cpu_mem_usage``) stay there."""
+        prompts = self.ship_prompts[adapter_name]
+        if any(tensor.is_meta for tensor in prompts.parameters()):
+            return
+        reference = next(self.base_layer.parameters())
+        dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
+        if dtype in (torch.float16, torch.bfloat16) and self.autocast_adapter_dtype.get(adapter_name, True):
+            dtype = torch.float32
+        prompts.to(device=reference.device, dtype=dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name`` and everything the layer keeps for it."""
+        super().delete_adapter(adapter_name)
+        self._configs.pop(adapter_name, None)
+        self._checked_prototypes.discard(adapter_name)
+        self.autocast_adapter_dtype.pop(adapter_name, None)
+        self._prompt_cache = None
 
     def _prompts_for_forward(self) -> ShipPrompts:
         if len(self.active_adapters) != 1:
@@ -543,7 +569,16 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         )
 
     def unmerge(self) -> None:
-        raise NotImplementedError("SHIP adapters are never merged, so there is nothing to unmerge.")
+        """Nothing to do: SHIP adapters are never merged (PEFT's layers warn likewise when not merged)."""
+        warnings.warn("Already unmerged. Nothing to do.")
+
+    def unload_and_optionally_merge_module(
+        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
+    ) -> nn.Module:
+        """For PEFT's ``unload()``: the plain block sequence (``merge`` raises: SHIP cannot merge)."""
+        if merge:
+            self.merge()
+        return self.base_layer
 
     def __repr__(self) -> str:
         return "ship." + super().__repr__()

@@ -10,6 +10,7 @@ from typing import Any, Iterator, Optional
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
+from peft.utils.other import AuxiliaryTrainingWrapper
 import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
@@ -178,14 +179,27 @@ class ShipModel(BaseTuner):
             if self.prefix not in name:
                 parameter.requires_grad = False
 
-    def _unload_and_optionally_merge(self, merge: bool = True, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        """The plain base model, as PEFT's ``unload()`` gives it for LoRA: the block sequence back in its host, the
+        trained classifier in place of its ``ModulesToSaveWrapper``, no ``peft_config`` attribute left."""
         if merge:
-            get_ship_layer(self.model).merge()
+            get_ship_layer(self.model).merge()  # raises: prompts are tokens, not weight deltas
         for name, module in list(self.model.named_modules()):
+            if not isinstance(module, (ShipLayer, AuxiliaryTrainingWrapper)):
+                continue
+            parent_name, _, child_name = name.rpartition(".")
             if isinstance(module, ShipLayer):
-                parent = self.model.get_submodule(name.rpartition(".")[0])
-                setattr(parent, name.rpartition(".")[2], module.base_layer)
                 module.backbone.detach(resolve_blocks(self.model, name)[0], module)
+            plain = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+            setattr(self.model.get_submodule(parent_name), child_name, plain)
+        if hasattr(self.model, "peft_config"):
+            del self.model.peft_config
         return self.model
 
     def enable_prompt_cache(self) -> None:
@@ -226,12 +240,23 @@ class ShipModel(BaseTuner):
         return state_dict
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        pass  # prompts stay in the dtype they were created in (float32), as PEFT does for float16/bfloat16 bases
+        """PEFT's ``autocast_adapter_dtype``: float32 prompts on a float16/bfloat16 backbone (True, the default), or
+        prompts in the backbone's dtype (False); kept for prompts built later by calibration."""
+        for module in self.model.modules():
+            if isinstance(module, ShipLayer):
+                module.autocast_adapter_dtype[adapter_name] = autocast_adapter_dtype
+                if adapter_name in module.ship_prompts:
+                    module.place_adapter(adapter_name)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
         (``docs/method.md`` §4)."""
+        if kwargs.get("adapter_names") is not None:
+            raise NotImplementedError(
+                "SHIP does not run mixed-adapter batches (`adapter_names=...`) yet: every sample would silently get "
+                "the active adapter. Call `model.set_adapter(name)` and run each adapter's samples in their own call."
+            )
         layer = get_ship_layer(self.model)
         host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
