@@ -44,7 +44,7 @@ class CalibrationResult:
 
 
 def semantic_levels(affinity: torch.Tensor, share_threshold: float) -> list[int]:
-    """Greedy grouping of SHIP_METHOD.md §3: layer ``j`` starts a new level when ``affinity[start, j] < threshold``."""
+    """Greedy grouping of docs/method.md §1: layer ``j`` starts a new level when ``affinity[start, j] < threshold``."""
     start, levels = 0, [0]
     for layer in range(1, affinity.shape[0]):
         if affinity[start, layer] < share_threshold:
@@ -260,7 +260,7 @@ def initialize_ship_weights(
     seed: int = 42,
     show_progress: bool = True,
 ) -> CalibrationResult:
-    """Calibrate a SHIP adapter on training data (SHIP_METHOD.md §3) and build its prompts.
+    """Calibrate a SHIP adapter on training data (docs/method.md §1) and build its prompts.
 
     Runs the frozen backbone (no prompts, eval mode) over up to ``max_samples`` images, computes the layer affinity,
     the semantic levels for ``share_threshold`` (unless ``prompt_layers`` was given) and k-means prototypes of the

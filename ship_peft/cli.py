@@ -77,7 +77,7 @@ OFFLINE_BASELINES = ["vpt-deep", "linear"]
 AFFINITY_SWEEP = (0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
 VTAB_DEFAULT_MODEL = "google/vit-base-patch16-224-in21k"
 OFFLINE_MODEL_HELP = f"{BUNDLED_BACKBONE}, the bundled fractal-pretrained ViT, with the offline default's settings"
-#: The per-task search of the reference recipe (SHIP_METHOD.md §7: lr 1e-3 ... 1.0, weight decay 0 ... 1e-2, K among
+#: The per-task search of the reference recipe (docs/method.md §6: lr 1e-3 ... 1.0, weight decay 0 ... 1e-2, K among
 #: 5 ... 200, alpha 0.93 ... 0.98), one value per decade for lr and weight decay and three for K and alpha: 144 runs
 #: a task. Give any of these flags fewer values for a cheaper search.
 VTAB_DEFAULT_GRID: dict[str, list[Any]] = {
@@ -105,7 +105,7 @@ _TRAINING_FLAGS = {  # TrainSettings field -> (flag, help)
 
 
 def _default(name: str) -> Any:
-    """The recipe's value of a flag (SHIP_METHOD.md §7; the method's default for SHIP's own hyper-parameters)."""
+    """The recipe's value of a flag (docs/method.md §6; the method's default for SHIP's own hyper-parameters)."""
     if name in RECIPE_SHIP_VALUES:
         return RECIPE_SHIP_VALUES[name]
     field = _SHIP_FIELDS.get(name) or _SETTINGS_FIELDS[name]
@@ -130,7 +130,7 @@ def add_ship_arguments(
     """A flag for every SHIP hyper-parameter, default None (resolved later: ``preset``, else the method's default
     from ``ShipConfig``); names in ``grid`` take several values."""
     grid = grid or {}
-    group = parser.add_argument_group("SHIP hyper-parameters (SHIP_METHOD.md)")
+    group = parser.add_argument_group("SHIP hyper-parameters (docs/method.md)")
     for name in SHIP_HYPERPARAMETERS:
         flag, text = f"--{name.replace('_', '-')}", _SHIP_FIELDS[name].metadata["help"].rstrip(".")
         if name == "decoupled_attention":
@@ -146,7 +146,7 @@ def add_training_arguments(
     parser: argparse.ArgumentParser, preset: dict[str, Any], grid: Optional[dict[str, list[Any]]] = None
 ) -> None:
     """Flags of the usual training hyper-parameters, default None (resolved later: ``preset``, else the reference
-    recipe of SHIP_METHOD.md §7); names in ``grid`` take several values."""
+    recipe of docs/method.md §6); names in ``grid`` take several values."""
     grid = grid or {}
     group = parser.add_argument_group("training")
     for name, (flag, text) in _TRAINING_FLAGS.items():
@@ -517,7 +517,7 @@ def command_evaluate(args: argparse.Namespace) -> int:
         )
     model = PeftModel.from_pretrained(load_backbone(model_path, data.label_names), args.adapter).eval()
     if model.peft_config["default"].decoupled_attention:
-        model.enable_prompt_cache()  # the input-independent prompts run once (SHIP_METHOD.md §6)
+        model.enable_prompt_cache()  # the input-independent prompts run once (docs/method.md §5)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = evaluation_trainer(model, args.batch_size, args.bf16, args.output_dir or scratch)
         processor = load_image_processor(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -23,6 +24,8 @@ def _check_float(
 ) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"ShipConfig.{name} must be a number, got {type(value).__name__} ({value!r}).")
+    if not math.isfinite(value):
+        raise ValueError(f"ShipConfig.{name} must be a finite number, got {value}.")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high:
@@ -64,7 +67,7 @@ def check_prompt_layers(prompt_layers, num_layers: Optional[int] = None) -> None
 class ShipConfig(PeftConfig):
     """Configuration of a SHIP adapter (Zhu et al., ICASSP 2025), see ``docs/method.md``.
 
-    The defaults are the reference recipe's method hyper-parameters (SHIP_METHOD.md §1); its training recipe (§7:
+    The defaults are the reference recipe's method hyper-parameters (docs/method.md §6); its training recipe (§6:
     optimiser, schedule, stochastic depth 0.1) is the ``ship-peft`` command line's default. ``prompt_layers=None``
     means the semantic levels are found by :func:`ship_peft.initialize_ship_weights` (calibration), which also fills
     the prototype bank. Switching the features off gives the ablations; ``share_threshold=1`` (one level per layer) with ``num_shared_prompts=0``,
@@ -87,7 +90,7 @@ class ShipConfig(PeftConfig):
         matching_top_k: T, image tokens matched against the prompts.
         drop_path_rate: stochastic depth of the frozen blocks in training: the residual branches of layer ``i`` of
             ``L`` are dropped per sample with probability ``drop_path_rate * i / (L - 1)``, as in timm; no effect in
-            evaluation. 0 (the default) runs the backbone as given; the training recipe (SHIP_METHOD.md §7), and so
+            evaluation. 0 (the default) runs the backbone as given; the training recipe (docs/method.md §6), and so
             the ``ship-peft`` command line, uses 0.1.
         target_modules: the backbone's block sequence to wrap (``vit.layers``, ``dinov2.encoder.layer``, timm's
             ``blocks``, ...); None finds it.
@@ -132,7 +135,7 @@ class ShipConfig(PeftConfig):
         _check_float("share_threshold", self.share_threshold, 0.0, 1.0, low_open=True)
         for name in ("attribute_mix", "prompt_attention_weight"):
             _check_float(name, getattr(self, name), 0.0, 1.0)
-        _check_float("matching_loss_weight", self.matching_loss_weight, 0.0, float("inf"))
+        _check_float("matching_loss_weight", self.matching_loss_weight, 0.0, math.inf, high_open=True)
         _check_float("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if not isinstance(self.decoupled_attention, bool):
             raise TypeError(f"ShipConfig.decoupled_attention must be a bool, got {self.decoupled_attention!r}.")

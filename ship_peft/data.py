@@ -254,7 +254,7 @@ def load_data(
 def load_image_processor(sources: Union[str, Sequence[str]], image_size: int) -> Any:
     """The first image processor found in ``sources`` (folders or Hub ids: e.g. an adapter folder, then its base
     model); if none has one, resize to ``image_size`` and normalise with mean = std = 0.5 (the reference recipe,
-    SHIP_METHOD.md §7)."""
+    docs/method.md §6)."""
     backend = "torchvision" if importlib.util.find_spec("torchvision") else "pil"
     sources = [sources] if isinstance(sources, str) else list(sources)
     for source in sources:

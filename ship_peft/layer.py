@@ -41,7 +41,7 @@ def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> tor
 
 
 def prompt_matching_loss(prompt_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-    """SHIP_METHOD.md §5: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
+    """docs/method.md §4: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
     return (1.0 - _cosine(prompt_tokens, image_tokens)).amin(dim=-1).mean()
 
 
@@ -100,7 +100,7 @@ class ShipPrompts(nn.Module):
         return self.prompt_layers.index(layer_index) if layer_index in self.prompt_layers else None
 
     def attribute_prompts_for(self, layer_index: int, top_tokens: torch.Tensor) -> torch.Tensor:
-        """SHIP_METHOD.md §4: ``beta * softmax(cos(X, prototypes)) @ prototypes + (1 - beta) * AP[k]``.
+        """docs/method.md §2: ``beta * softmax(cos(X, prototypes)) @ prototypes + (1 - beta) * AP[k]``.
 
         ``top_tokens`` ``[B, A, D]`` are the previous layer's output tokens with the highest CLS scores, best first.
         """

@@ -17,7 +17,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .backbones import FAMILIES, Backbone, family_of, find_hosts, supported_families
 from .config import ShipConfig, check_prompt_layers
-from .layer import ShipLayer
+from .layer import ShipLayer, check_block_arguments
 from .registration import SHIP_PREFIX
 
 def find_blocks(model: nn.Module) -> str:
@@ -104,6 +104,21 @@ def get_ship_layer(model: nn.Module) -> ShipLayer:
         if isinstance(module, ShipLayer):
             return module
     raise TypeError(f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`.")
+
+
+def check_adapter_complete(
+    model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], adapter_name: str
+) -> None:
+    """Clear error when a saved adapter lacks tensors the adapter has (they would silently keep their random init)."""
+    owned = (f"{SHIP_PREFIX}.{adapter_name}.", f"modules_to_save.{adapter_name}.")
+    missing = sorted(key for key in model_state if any(part in key for part in owned) and key not in adapter_state)
+    if missing:
+        raise ValueError(
+            f"This SHIP adapter file is incomplete: it lacks {len(missing)} tensor(s) of adapter {adapter_name!r}:\n  "
+            + "\n  ".join(missing)
+            + "\nThey would keep their random initialisation. Save the adapter again (`model.save_pretrained(...)`) "
+            "or download a complete copy."
+        )
 
 
 def check_adapter_shapes(model_state: dict[str, torch.Tensor], adapter_state: dict[str, torch.Tensor], config) -> None:
@@ -236,7 +251,9 @@ class ShipModel(BaseTuner):
         cls, model: nn.Module, config: PeftConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        check_adapter_shapes(model.state_dict(), state_dict, config)
+        model_state = model.state_dict()
+        check_adapter_complete(model_state, state_dict, adapter_name)
+        check_adapter_shapes(model_state, state_dict, config)
         return state_dict
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -252,6 +269,7 @@ class ShipModel(BaseTuner):
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
         """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
         (``docs/method.md`` §4)."""
+        check_block_arguments((), {"attention_mask": kwargs.get("attention_mask")})  # the host may drop it silently
         if kwargs.get("adapter_names") is not None:
             raise NotImplementedError(
                 "SHIP does not run mixed-adapter batches (`adapter_names=...`) yet: every sample would silently get "
@@ -266,6 +284,8 @@ class ShipModel(BaseTuner):
                 check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         num_items_in_batch = kwargs.get("num_items_in_batch")
+        has_labels = kwargs.get("labels") is not None
+        batch_size = pixel_values.shape[0] if torch.is_tensor(pixel_values) else None
         self.last_matching_loss = None
         layer.matching_losses = []
 
@@ -273,12 +293,16 @@ class ShipModel(BaseTuner):
             if not layer.matching_losses:
                 return output
             matching_loss = self.last_matching_loss = layer.matching_losses[-1]
-            if getattr(output, "loss", None) is None:
-                return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
             weight = self.peft_config[self.active_adapters[0]].matching_loss_weight
             # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the
             # items of the whole (accumulated, multi-process) batch; the matching loss is put on the same footing.
-            share = 1.0 if num_items_in_batch is None else output.logits.shape[0] / num_items_in_batch
+            share = 1.0 if num_items_in_batch is None else batch_size / num_items_in_batch
+            if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
+                if not has_labels:
+                    return output
+                return (output[0] + weight * matching_loss * share, *output[1:])
+            if getattr(output, "loss", None) is None:
+                return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
             values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
             values["loss"] = output.loss + weight * matching_loss * share
             return with_ship_losses(type(output))(**values)
@@ -298,6 +322,8 @@ def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.
             f"pixel_values must be a [batch, channels, height, width] tensor, got shape {tuple(pixel_values.shape)}; "
             f"prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)."
         )
+    if pixel_values.shape[0] == 0:
+        raise ValueError("pixel_values holds no image (batch size 0); pass at least one image per call.")
     channels, height, width = pixel_values.shape[1:]
     expected_channels, expected_size = backbone.image_format(host)
     if channels != expected_channels:

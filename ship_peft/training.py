@@ -51,11 +51,11 @@ SHIP_HYPERPARAMETERS = (
     "drop_path_rate",
 )
 
-#: ``ShipConfig`` fields whose value in the training recipe (SHIP_METHOD.md §7) differs from the library default: the
+#: ``ShipConfig`` fields whose value in the training recipe (docs/method.md §6) differs from the library default: the
 #: command line uses these. ``ShipConfig`` itself runs the backbone as given (no stochastic depth) unless asked.
 RECIPE_SHIP_VALUES: dict[str, Any] = {"drop_path_rate": 0.1}
 
-#: What turns SHIP into VPT-deep (SHIP_METHOD.md §3: one level per layer, no shared or attribute prompts, one joint
+#: What turns SHIP into VPT-deep (docs/method.md §1: one level per layer, no shared or attribute prompts, one joint
 #: softmax, no matching loss); ``prompt_layers`` is set to every layer.
 VPT_DEEP_OVERRIDES = dict(
     num_shared_prompts=0, num_attribute_layers=0, decoupled_attention=False, matching_loss_weight=0.0
@@ -64,7 +64,7 @@ VPT_DEEP_OVERRIDES = dict(
 
 @dataclass
 class TrainSettings:
-    """The usual training hyper-parameters; the defaults are the reference VTAB-1k recipe (SHIP_METHOD.md §7):
+    """The usual training hyper-parameters; the defaults are the reference VTAB-1k recipe (docs/method.md §6):
     AdamW, batch 64, 100 epochs, cosine schedule to 1e-5 after 10 epochs of linear warm-up from 1e-6; lr and weight
     decay are the reference script's defaults (it tunes them per task)."""
 
@@ -360,7 +360,7 @@ def train_method(
     model = build_model(method, model_path, label_names, ship_values)
     calibration = calibrate(model, train, settings) if method == "ship" else None
     if method == "ship" and model.peft_config["default"].decoupled_attention:
-        model.enable_prompt_cache()  # evaluation runs the input-independent prompts once (SHIP_METHOD.md §6)
+        model.enable_prompt_cache()  # evaluation runs the input-independent prompts once (docs/method.md §5)
     trainer = ShipTrainer(
         model=model,
         args=training_arguments(settings, output_dir, evaluate_each_epoch=monitor is not None),

@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from conftest import pixels, tiny_ship_model, tiny_vit
 from ship_peft.safe_io import CorruptAdapterFileError
@@ -122,3 +123,42 @@ def test_more_attribute_prompts_than_image_tokens():
     model = tiny_ship_model(num_attribute_prompts=18)  # the tiny ViT has 17 image tokens
     with pytest.raises(ValueError, match="num_attribute_prompts=18 exceeds the 17 image tokens"):
         model(pixel_values=pixels())
+
+
+def test_attention_mask_is_an_error_not_ignored():
+    model = tiny_ship_model()
+    with pytest.raises(NotImplementedError, match="takes no attention mask"):
+        model(pixel_values=pixels(), attention_mask=torch.ones(4, 17))
+
+
+def test_empty_batch_is_a_clear_error():
+    model = tiny_ship_model().eval()
+    with pytest.raises(ValueError, match="no image"):
+        model(pixel_values=pixels(0))
+
+
+def test_return_dict_false_keeps_the_matching_loss():
+    model = tiny_ship_model(seed=3).train()
+    labels = torch.tensor([0, 1, 2, 1])
+    as_dict = model(pixel_values=pixels(), labels=labels)
+    as_tuple = model(pixel_values=pixels(), labels=labels, return_dict=False)
+    assert as_dict.matching_loss > 0
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+    logits_only = model(pixel_values=pixels(), return_dict=False)
+    torch.testing.assert_close(logits_only[0], as_dict.logits)
+
+
+def test_incomplete_adapter_file_names_the_missing_tensors(tmp_path):
+    tiny_ship_model().save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    dropped = sorted(name for name in tensors if "shared_prompts" in name or "semantic_prompts.1" in name)
+    save_file({name: tensor for name, tensor in tensors.items() if name not in dropped}, path)
+    with pytest.raises(ValueError, match=r"incomplete: it lacks 2 tensor\(s\)") as info:
+        PeftModel.from_pretrained(tiny_vit(), tmp_path)
+    assert "shared_prompts" in str(info.value) and "semantic_prompts.1" in str(info.value)
+    # a missing classifier tensor is PEFT's own KeyError (modules_to_save), which names it too
+    save_file({name: tensor for name, tensor in tensors.items() if "classifier.bias" not in name}, path)
+    with pytest.raises(KeyError, match="classifier.bias"):
+        PeftModel.from_pretrained(tiny_vit(), tmp_path)

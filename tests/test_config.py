@@ -42,7 +42,7 @@ def test_defaults_are_the_reference_recipe():
         ("share_threshold", "high", TypeError, "must be a number"),
         ("attribute_mix", -0.1, ValueError, "[0.0, 1.0]"),
         ("prompt_attention_weight", 1.1, ValueError, "[0.0, 1.0]"),
-        ("matching_loss_weight", -1.0, ValueError, "[0.0, inf]"),
+        ("matching_loss_weight", -1.0, ValueError, "[0.0, inf)"),
         ("decoupled_attention", "yes", TypeError, "must be a bool"),
         ("prompt_layers", [], TypeError, "non-empty list"),
         ("prompt_layers", "0,2", TypeError, "non-empty list"),
@@ -57,6 +57,16 @@ def test_every_field_validates_itself(field, value, error, words):
         ShipConfig(**{field: value})
     assert field in str(info.value)
     assert words in str(info.value)
+
+
+FLOAT_FIELDS = ("share_threshold", "attribute_mix", "prompt_attention_weight", "matching_loss_weight", "drop_path_rate")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("field", FLOAT_FIELDS)
+def test_float_fields_reject_nan_and_inf(field, value):
+    with pytest.raises(ValueError, match=rf"ShipConfig.{field} must be a finite number"):
+        ShipConfig(**{field: value})
 
 
 def test_prompt_layers_beyond_depth_is_an_error_naming_the_depth():
@@ -80,3 +90,10 @@ def test_config_round_trips_through_json(tmp_path):
     assert isinstance(loaded, ship_peft.ShipConfig)
     assert (loaded.num_prompts, loaded.prompt_layers, loaded.share_threshold) == (7, [0, 3], 0.9)
     assert loaded.decoupled_attention is False
+
+
+def test_target_modules_as_a_string():
+    model = get_peft_model(tiny_vit(), ShipConfig(num_prompts=2, prompt_layers=[0], target_modules="vit.layers"))
+    assert model.peft_config["default"].target_modules == ["vit.layers"]
+    with pytest.raises(TypeError, match="not the block sequence"):
+        get_peft_model(tiny_vit(), ShipConfig(num_prompts=2, prompt_layers=[0], target_modules="vit"))
