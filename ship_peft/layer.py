@@ -57,16 +57,11 @@ class ShipPrompts(nn.Module):
 
     def __init__(self, config: ShipConfig, hidden_size: int):
         super().__init__()
+        #: the adapter's config (the ``peft_config`` entry itself): its hyper-parameters are read from there
+        self.config = config
+        # the layout the tensors below are built for
         self.prompt_layers: tuple[int, ...] = tuple(config.prompt_layers)
         self.attribute_layers: tuple[int, ...] = tuple(config.attribute_layers())
-        self.decoupled_attention = config.decoupled_attention
-        self.prompt_attention_weight = config.prompt_attention_weight
-        self.attribute_mix = config.attribute_mix
-        self.matching_loss_weight = config.matching_loss_weight
-        self.matching_top_k = config.matching_top_k
-        self.num_attribute_prompts = config.num_attribute_prompts
-        self.num_shared_prompts = config.num_shared_prompts
-        self.drop_path_rate = config.drop_path_rate
 
         self.semantic_prompts = nn.ParameterList(
             [self._xavier(config.num_prompts, hidden_size) for _ in self.prompt_layers]
@@ -104,15 +99,15 @@ class ShipPrompts(nn.Module):
 
         ``top_tokens`` ``[B, A, D]`` are the previous layer's output tokens with the highest CLS scores, best first.
         """
-        if top_tokens.shape[1] < self.num_attribute_prompts:
+        if top_tokens.shape[1] < self.config.num_attribute_prompts:
             raise ValueError(
-                f"num_attribute_prompts={self.num_attribute_prompts} exceeds the {top_tokens.shape[1]} image tokens "
-                f"(CLS + patches) the attribute prompts are drawn from; lower `ShipConfig.num_attribute_prompts`."
+                f"num_attribute_prompts={self.config.num_attribute_prompts} exceeds the {top_tokens.shape[1]} image "
+                f"tokens (CLS + patches) the attribute prompts are drawn from; lower `ShipConfig.num_attribute_prompts`."
             )
         prototypes = self.prototypes.to(top_tokens.dtype)
         pattern = _cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes
         attribute = self.attribute_prompts[self.attribute_layers.index(layer_index)].to(top_tokens.dtype)
-        return self.attribute_mix * pattern + (1.0 - self.attribute_mix) * attribute
+        return self.config.attribute_mix * pattern + (1.0 - self.config.attribute_mix) * attribute
 
     def static_prompts(self, layer_index: int, carried: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """The input-independent prompts entering layer ``layer_index`` (``docs/method.md`` §2), ``[1 or B, K+S, D]``:
@@ -311,7 +306,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             return self.backbone.run_blocks(self, hidden_states, *args, **kwargs)
         check_block_arguments(args, kwargs)
         prompts = self._prompts_for_forward()
-        want_matching = self.training and prompts.matching_loss_weight > 0
+        want_matching = self.training and prompts.config.matching_loss_weight > 0
         static = self._static_path(prompts, hidden_states, want_matching) if self._shares_prompts(prompts) else None
         image_tokens, matching_loss = self._encode(hidden_states, prompts, static, want_matching)
         if matching_loss is not None and self.matching_losses is not None:
@@ -326,11 +321,11 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         depth or the backbone's own dropout or stochastic depth. Then each sample runs its own copy, as the method
         is written.
         """
-        if not prompts.decoupled_attention:
+        if not prompts.config.decoupled_attention:
             return False
         if not self.training:
             return True
-        return prompts.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.blocks))
+        return prompts.config.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.blocks))
 
     def _static_path(self, prompts: ShipPrompts, image_tokens: torch.Tensor, want_matching: bool) -> StaticPath:
         """The semantic and shared prompts' path through the blocks, for the whole batch at once.
@@ -371,7 +366,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             normed = self.backbone.norm1(block, tokens)
             keys_values.append(self.backbone.key_value(block, normed))
             if index < last and prompts.carries_to(index + 1):
-                semantic = tokens.shape[1] - prompts.num_shared_prompts
+                semantic = tokens.shape[1] - prompts.config.num_shared_prompts
                 carried = self._residual_update(block, tokens[:, :semantic], normed[:, :semantic])
         return StaticPath(keys_values, tokens if keep_last_inputs else None)
 
@@ -403,7 +398,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 block,
                 num_image_tokens=num_image_tokens,
                 prompts=prompts,
-                prompt_attention=index == last and (want_matching or not prompts.decoupled_attention),
+                prompt_attention=index == last and (want_matching or not prompts.config.decoupled_attention),
                 need_scores=(index + 1) in prompts.attribute_layers or (index == last and want_matching),
                 keep=keep,
                 drop_rate=self._drop_rate(prompts, index),
@@ -412,13 +407,13 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             block_input, image_tokens = image_tokens, leading(tokens, num_image_tokens, 1)
             replay_forward_hooks(block, block_input, image_tokens)
             end_of_static = num_image_tokens + num_static
-            semantic = tokens[:, num_image_tokens : end_of_static - prompts.num_shared_prompts]
+            semantic = tokens[:, num_image_tokens : end_of_static - prompts.config.num_shared_prompts]
             attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
             if (index + 1) in prompts.attribute_layers:
-                top_tokens = gather_top_tokens(image_tokens, scores, prompts.num_attribute_prompts)
+                top_tokens = gather_top_tokens(image_tokens, scores, prompts.config.num_attribute_prompts)
         if not want_matching:
             return image_tokens, None
-        top_tokens = gather_top_tokens(image_tokens, scores, prompts.matching_top_k)
+        top_tokens = gather_top_tokens(image_tokens, scores, prompts.config.matching_top_k)
         return image_tokens, prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens)
 
     def _layer_inputs(
@@ -456,7 +451,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
 
     def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
         """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""
-        return prompts.drop_path_rate * index / max(self.num_layers - 1, 1) if self.training else 0.0
+        return prompts.config.drop_path_rate * index / max(self.num_layers - 1, 1) if self.training else 0.0
 
     def _residual_update(
         self, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
@@ -511,7 +506,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         sample's own prompt keys.
         """
         backbone = self.backbone
-        queries_all = prompt_attention or not prompts.decoupled_attention
+        queries_all = prompt_attention or not prompts.config.decoupled_attention
         query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
         key, value = backbone.key_value(block, normed)
         image_query = leading(query, num_image_tokens, 2)
@@ -519,14 +514,14 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
         scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
 
-        if not prompts.decoupled_attention:
+        if not prompts.config.decoupled_attention:
             return backbone.attend(block, query, key, value), scores
 
         # (1 - lambda) * image attention + lambda * prompt attention
         image_output = torch.lerp(
             backbone.attend(block, image_query, image_key, image_value),
             self._attend_prompts(block, image_query, prompt_key, prompt_value, static_state),
-            prompts.prompt_attention_weight,
+            prompts.config.prompt_attention_weight,
         )
         if normed.shape[1] == num_image_tokens:
             return image_output, scores

@@ -110,3 +110,16 @@ def test_mixed_adapter_batches_are_a_clear_error():
     model = tiny_ship_model().eval()
     with pytest.raises(NotImplementedError, match=r"mixed-adapter batches.*set_adapter"):
         model(pixel_values=pixels(), adapter_names=["default"] * 4)
+
+
+def test_the_adapter_config_is_the_one_source_of_its_hyper_parameters():
+    model = tiny_ship_model(seed=2).eval()
+    config = model.peft_config["default"]
+    assert ship_peft.get_ship_layer(model).ship_prompts["default"].config is config
+    config.prompt_attention_weight = 0.0  # the prompts then leave the image tokens untouched
+    with model.disable_adapter():
+        plain = model(pixel_values=pixels()).logits
+    torch.testing.assert_close(model(pixel_values=pixels()).logits, plain, rtol=1e-5, atol=1e-5)
+    config.matching_loss_weight = 0.0
+    outputs = model.train()(pixel_values=pixels(), labels=torch.tensor([0, 1, 2, 1]))
+    assert "matching_loss" not in outputs
