@@ -9,7 +9,8 @@ from .calibration import CalibrationResult, initialize_ship_weights, kmeans, lay
 from .config import ShipConfig
 from .layer import ShipLayer, ShipPrompts
 from .model import ShipModel, get_ship_layer
-from .registration import ShipPeftType, register
+from .constants import ShipPeftType
+from .registration import register
 from .safe_io import CorruptAdapterFileError
 
 __version__ = "0.1.0"

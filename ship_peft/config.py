@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import ShipPeftType
+from .constants import ShipPeftType
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .backbones import Backbone
 from .config import ShipConfig
-from .registration import SHIP_PREFIX
+from .constants import SHIP_PREFIX
 
 #: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
 COSINE_EPS = 1e-8

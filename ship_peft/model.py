@@ -18,7 +18,7 @@ from transformers.modeling_outputs import ModelOutput
 from .backbones import FAMILIES, Backbone, family_of, find_hosts, supported_families
 from .config import ShipConfig, check_prompt_layers
 from .layer import ShipLayer, check_block_arguments
-from .registration import SHIP_PREFIX
+from .constants import SHIP_PREFIX
 
 def find_blocks(model: nn.Module) -> str:
     """Name of the one block sequence SHIP wraps in ``model``, or a clear error naming the supported families."""

@@ -18,27 +18,15 @@ in the process; they write the same bytes and load the same tensors as PEFT, and
 
 from __future__ import annotations
 
-import enum
-
 from . import safe_io
-
-
-class ShipPeftType(str, enum.Enum):
-    """PEFT type of ship-peft's methods (written as ``"peft_type": "SHIP"`` in ``adapter_config.json``)."""
-
-    SHIP = "SHIP"
-
-
-#: Attribute name of SHIP's parameters on the wrapped backbone; PEFT matches it as a substring of state-dict keys.
-SHIP_PREFIX = "ship_prompts"
+from .config import ShipConfig
+from .constants import SHIP_PREFIX, ShipPeftType
+from .model import ShipModel
 
 
 def register() -> None:
     """Add SHIP to PEFT's config, tuner and prefix tables and install ``safe_io``'s wrappers (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-
-    from .config import ShipConfig
-    from .model import ShipModel
 
     safe_io.install()
     key = ShipPeftType.SHIP

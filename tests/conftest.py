@@ -60,7 +60,7 @@ def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {
         key.replace("base_layer.", ""): tensor
         for key, tensor in module.state_dict().items()
-        if ship_peft.registration.SHIP_PREFIX not in key
+        if ship_peft.constants.SHIP_PREFIX not in key
     }
 
 

@@ -32,7 +32,7 @@ def sharpen_backbone(backbone: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for name, parameter in backbone.named_parameters():
-            if ship_peft.registration.SHIP_PREFIX in name:
+            if ship_peft.constants.SHIP_PREFIX in name:
                 continue
             noise = torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
             if "layernorm" in name and name.endswith("weight"):
