@@ -12,8 +12,8 @@ The only other change to PEFT is made here too, by ``safe_io.install()`` (see ``
 ``peft.peft_model.safe_save_file`` and ``peft.config.PeftConfigMixin.save_pretrained`` so that ``save_pretrained``
 replaces ``adapter_model.safetensors`` and ``adapter_config.json`` atomically (temporary file, fsync,
 ``os.replace``), and ``peft.utils.save_and_load.safe_load_file`` so that a truncated or corrupted adapter file
-raises ``safe_io.CorruptAdapterFileError`` naming the file and the fix. These wrappers apply to every PEFT method
-in the process; they write the same bytes and load the same tensors as PEFT, and installing them is idempotent.
+raises ``safe_io.CorruptAdapterFileError`` naming the file and the fix. These wrappers act on SHIP adapters only;
+every other PEFT method goes straight to PEFT's own functions. Installing them is idempotent.
 """
 
 from __future__ import annotations

@@ -17,9 +17,11 @@ for this, so :func:`install` wraps three names that PEFT looks up at call time:
 
 On any exception, ``KeyboardInterrupt`` included, the temporary file or folder is removed and the exception is
 re-raised, so the previous file stays intact. Each file is replaced atomically on its own; the two files of one
-``save_pretrained`` are not replaced together. The wrappers write the same bytes as PEFT and apply to every PEFT
-method in the process. ``safe_serialization=False`` (PEFT calls ``torch.save`` on ``adapter_model.bin``) is not
-covered: wrapping it would mean patching ``torch.save`` for everyone.
+``save_pretrained`` are not replaced together. The wrappers write the same bytes as PEFT, and only for SHIP
+adapters: every other PEFT method in the process (LoRA, ...) goes straight to PEFT's own function, untouched. A SHIP
+adapter is recognised by its tensors' names (``ship_prompts``), its config's ``peft_type``, or, for a file that
+cannot be read, the ``adapter_config.json`` beside it. ``safe_serialization=False`` (PEFT calls ``torch.save`` on
+``adapter_model.bin``) is not covered: wrapping it would mean patching ``torch.save`` for everyone.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import json
 import os
 import secrets
 import shutil
@@ -35,6 +38,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from safetensors import SafetensorError
+
+from .constants import SHIP_PREFIX, ShipPeftType
 
 _T = TypeVar("_T")
 
@@ -94,6 +99,8 @@ def atomic_save_file(save_file: Callable[..., _T]) -> Callable[..., _T]:
 
     @functools.wraps(save_file)
     def wrapper(tensors: Any, filename: str | os.PathLike[str], *args: Any, **kwargs: Any) -> _T:
+        if not any(SHIP_PREFIX in key for key in tensors):
+            return save_file(tensors, filename, *args, **kwargs)  # another PEFT method: PEFT's own save
         return write_atomically(filename, lambda temporary: save_file(tensors, temporary, *args, **kwargs))
 
     return wrapper
@@ -104,7 +111,8 @@ def atomic_config_save(save_pretrained: Callable[..., None]) -> Callable[..., No
 
     @functools.wraps(save_pretrained)
     def wrapper(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        if os.path.isfile(save_directory):  # PEFT's own error
+        if getattr(self, "peft_type", None) != ShipPeftType.SHIP or os.path.isfile(save_directory):
+            # another PEFT method's config, or PEFT's own error for a file in the way
             return save_pretrained(self, save_directory, **kwargs)
         os.makedirs(save_directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".adapter_config.", suffix=".tmp", dir=save_directory)
@@ -128,7 +136,7 @@ def explained_load_file(load_file: Callable[..., _T]) -> Callable[..., _T]:
         try:
             return load_file(filename, *args, **kwargs)
         except SafetensorError as error:
-            if "deserializing header" not in str(error):
+            if "deserializing header" not in str(error) or not _beside_a_ship_config(filename):
                 raise
             raise CorruptAdapterFileError(
                 f"{os.fspath(filename)} is truncated or corrupted: it is not a valid safetensors file ({error}). "
@@ -137,6 +145,16 @@ def explained_load_file(load_file: Callable[..., _T]) -> Callable[..., _T]:
             ) from error
 
     return wrapper
+
+
+def _beside_a_ship_config(filename: str | os.PathLike[str]) -> bool:
+    """Whether the ``adapter_config.json`` next to ``filename`` is a SHIP adapter's."""
+    path = os.path.join(os.path.dirname(os.fspath(filename)), "adapter_config.json")
+    try:
+        with open(path) as handle:
+            return json.load(handle).get("peft_type") == ShipPeftType.SHIP.value
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:

@@ -16,7 +16,8 @@ import peft.utils.save_and_load
 import pytest
 import safetensors.torch
 import torch
-from peft import PeftConfig, PeftModel
+from safetensors import SafetensorError
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 import ship_peft
@@ -179,3 +180,24 @@ def test_registration_wraps_once():
         assert not hasattr(inner, safe_io.WRAPPED_MARK), key  # exactly once
         if original is not None:
             assert inner is original, key
+
+
+def test_other_peft_methods_save_and_load_untouched(tmp_path, monkeypatch):
+    """safe_io only changes SHIP adapters: LoRA's files are written by PEFT itself and its load errors stay PEFT's."""
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(os.path.basename(dst)) or real_replace(src, dst))
+    lora = get_peft_model(tiny_vit(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier"]))
+    lora.save_pretrained(tmp_path / "lora")
+    assert replaced == []  # written in place, as PEFT does
+    tiny_ship_model().save_pretrained(tmp_path / "ship")
+    assert sorted(replaced) == ["adapter_config.json", "adapter_model.safetensors"]
+
+    for name in ("lora", "ship"):
+        path = tmp_path / name / "adapter_model.safetensors"
+        path.write_bytes(path.read_bytes()[:10])
+    with pytest.raises(SafetensorError) as info:
+        PeftModel.from_pretrained(tiny_vit(), tmp_path / "lora")
+    assert not isinstance(info.value, safe_io.CorruptAdapterFileError)
+    with pytest.raises(safe_io.CorruptAdapterFileError):
+        PeftModel.from_pretrained(tiny_vit(), tmp_path / "ship")
