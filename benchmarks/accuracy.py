@@ -24,7 +24,7 @@ Methods (``--methods``):
                    M = ``--prototypes``, decoupled attention (lambda 0.1), matching loss 0.5, levels from calibration on
                    the training split with alpha = ``--share-threshold``;
 * ablations, each removing one SHIP component, all else (and the learning rate chosen for ``ship``) unchanged:
-  ``ship_no_levels`` (every layer its own level: ``prompt_layers = range(12)``, alpha = 1),
+  ``ship_no_levels`` (every layer its own level: ``prompt_layers`` = every layer, alpha = 1),
   ``ship_no_shared`` (S = 0), ``ship_no_attribute`` (no attribute prompts), ``ship_no_matching`` (matching-loss
   weight 0), ``ship_no_decoupled`` (one joint softmax).
 
@@ -123,35 +123,23 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------------- models
 
 
-def ship_config(method: str, args: argparse.Namespace):
-    import ship_peft
+def ship_config(method: str, args: argparse.Namespace, num_layers: int):
+    """The ``ShipConfig`` of a prompt method: its preset (:mod:`ship_peft.presets`) on this benchmark's values."""
+    from ship_peft import presets
 
     small = dict(num_shared_prompts=2, num_attribute_prompts=2, matching_top_k=4) if args.quick else {}
-    if method in ("vpt_shallow", "vpt_deep"):
-        return ship_peft.ShipConfig(
-            num_prompts=args.vpt_prompts,
-            prompt_layers=[0] if method == "vpt_shallow" else list(range(12)),
-            num_shared_prompts=0, num_attribute_layers=0, decoupled_attention=False, matching_loss_weight=0.0,
-        )
-    values: dict[str, Any] = dict(num_prompts=args.ship_prompts, share_threshold=args.share_threshold,
-                                  num_prototypes=args.prototypes, **small)
-    if method == "ship_no_levels":
-        values["prompt_layers"] = list(range(12))
-    elif method == "ship_no_shared":
-        values["num_shared_prompts"] = 0
-    elif method == "ship_no_attribute":
-        values["num_attribute_layers"] = 0
-    elif method == "ship_no_matching":
-        values["matching_loss_weight"] = 0.0
-    elif method == "ship_no_decoupled":
-        values["decoupled_attention"] = False
-    return ship_peft.ShipConfig(**values)
+    name = method.replace("_", "-")
+    if name in ("vpt-shallow", "vpt-deep"):
+        return presets.adapter_config(name, num_layers, num_prompts=args.vpt_prompts)
+    values = dict(num_prompts=args.ship_prompts, share_threshold=args.share_threshold, num_prototypes=args.prototypes)
+    return presets.adapter_config(name, num_layers, **values, **small)
 
 
 def build_model(method: str, num_classes: int, train_x: torch.Tensor, args: argparse.Namespace):
     """The model of ``method`` on ``args.device`` (calibrated for SHIP) and extra facts for the JSON row."""
     import peft
     import ship_peft
+    from ship_peft import presets
     from transformers import ViTForImageClassification
     from transformers.utils import logging as hf_logging
 
@@ -164,10 +152,9 @@ def build_model(method: str, num_classes: int, train_x: torch.Tensor, args: argp
             parameter.requires_grad_(method == "full" or name.startswith("classifier."))
         return vit.to(args.device), extra
     if method == "lora":
-        config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                 modules_to_save=["classifier"])
+        config = presets.adapter_config("lora", vit.config.num_hidden_layers, modules_to_save=["classifier"])
         return peft.get_peft_model(vit, config).to(args.device), extra
-    model = peft.get_peft_model(vit, ship_config(method, args)).to(args.device)
+    model = peft.get_peft_model(vit, ship_config(method, args, vit.config.num_hidden_layers)).to(args.device)
     if method != "vpt_shallow" and method != "vpt_deep":
         loader = torch.utils.data.DataLoader(train_x, batch_size=100)
         result = ship_peft.initialize_ship_weights(model, loader, max_samples=len(train_x), show_progress=False)

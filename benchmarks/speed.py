@@ -176,10 +176,11 @@ class BenchSettings:
 
 def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
     """The model of ``method`` on the shared random backbone (seeded: every method gets the same weights)."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import ViTConfig, ViTForImageClassification
 
     import ship_peft
+    from ship_peft import presets
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
@@ -194,20 +195,14 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
     elif method == "full":
         model = vit.requires_grad_(True)
     elif method == "lora":
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
-        model = get_peft_model(vit, config)
-    elif method == "vpt_deep":
-        config = ship_peft.ShipConfig(
-            num_prompts=settings.num_prompts + settings.num_shared_prompts,
-            prompt_layers=list(range(settings.num_layers)),
-            num_shared_prompts=0,
-            num_attribute_layers=0,
-            decoupled_attention=False,
-            matching_loss_weight=0.0,
-        )
-        model = get_peft_model(vit, config)
+        model = get_peft_model(vit, presets.adapter_config("lora", settings.num_layers, modules_to_save=["classifier"]))
+    elif method == "vpt_deep":  # as many prompt tokens per layer as SHIP carries: K + S
+        vpt_prompts = settings.num_prompts + settings.num_shared_prompts
+        model = get_peft_model(vit, presets.adapter_config("vpt-deep", settings.num_layers, num_prompts=vpt_prompts))
     else:  # ship, ship_cache, ship_ckpt
-        config = ship_peft.ShipConfig(
+        config = presets.adapter_config(
+            "ship",
+            settings.num_layers,
             num_prompts=settings.num_prompts,
             num_shared_prompts=settings.num_shared_prompts,
             prompt_layers=list(settings.prompt_layers),

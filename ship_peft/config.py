@@ -148,3 +148,14 @@ class ShipConfig(PeftConfig):
         if self.prompt_layers is None or self.num_attribute_prompts == 0 or self.num_attribute_layers == 0:
             return []
         return self.prompt_layers[1:][-self.num_attribute_layers :]
+
+
+#: ``ShipConfig`` fields that choose modules (PEFT's conventions) rather than set the method.
+MODULE_FIELDS = ("target_modules", "target_parameters", "modules_to_save")
+
+#: ``ShipConfig`` fields that are hyper-parameters of the method, in declaration order (derived, not re-typed).
+HYPERPARAMETERS: tuple[str, ...] = tuple(
+    name
+    for name in ShipConfig.__dataclass_fields__
+    if name not in PeftConfig.__dataclass_fields__ and name not in MODULE_FIELDS
+)

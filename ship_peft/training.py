@@ -28,38 +28,19 @@ from transformers import default_data_collator, set_seed
 
 from .assets import resolve_model_path
 from .calibration import CalibrationResult, initialize_ship_weights
-from .config import ShipConfig
+from . import presets
+from .config import HYPERPARAMETERS, ShipConfig
 from .data import InputError
 
 METHODS = ("ship", "vpt-deep", "linear")
-METHOD_TITLES = {"ship": "SHIP", "vpt-deep": "VPT-deep", "linear": "linear probe"}
+METHOD_TITLES = {method: presets.TITLES[method] for method in METHODS}
 
 #: ``ShipConfig`` fields that are hyper-parameters of the method (the ``train`` command has a flag for each).
-SHIP_HYPERPARAMETERS = (
-    "num_prompts",
-    "prompt_layers",
-    "share_threshold",
-    "num_shared_prompts",
-    "num_attribute_prompts",
-    "num_attribute_layers",
-    "num_prototypes",
-    "attribute_mix",
-    "decoupled_attention",
-    "prompt_attention_weight",
-    "matching_loss_weight",
-    "matching_top_k",
-    "drop_path_rate",
-)
+SHIP_HYPERPARAMETERS = HYPERPARAMETERS
 
 #: ``ShipConfig`` fields whose value in the training recipe (docs/method.md §6) differs from the library default: the
 #: command line uses these. ``ShipConfig`` itself runs the backbone as given (no stochastic depth) unless asked.
 RECIPE_SHIP_VALUES: dict[str, Any] = {"drop_path_rate": 0.1}
-
-#: What turns SHIP into VPT-deep (docs/method.md §1: one level per layer, no shared or attribute prompts, one joint
-#: softmax, no matching loss); ``prompt_layers`` is set to every layer.
-VPT_DEEP_OVERRIDES = dict(
-    num_shared_prompts=0, num_attribute_layers=0, decoupled_attention=False, matching_loss_weight=0.0
-)
 
 
 @dataclass
@@ -179,16 +160,12 @@ def load_backbone(model_path: str, label_names: list[str]) -> transformers.PreTr
 
 
 def method_config(method: str, ship_values: dict[str, Any], num_layers: int) -> Optional[ShipConfig]:
-    """The adapter configuration of ``method`` ("ship", "vpt-deep"; None for "linear") from SHIP's hyper-parameters."""
+    """The adapter configuration of ``method`` ("ship", "vpt-deep"; None for "linear") from SHIP's hyper-parameters
+    (the presets of :mod:`ship_peft.presets`; VPT-deep gets ``num_prompts`` = K prompts at every layer)."""
     if method not in METHODS:
         raise InputError(f"Unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    if method == "linear":
-        return None
-    values = dict(ship_values)
-    if method == "vpt-deep":
-        values.update(VPT_DEEP_OVERRIDES, prompt_layers=list(range(num_layers)))
     try:
-        return ShipConfig(**values)
+        return presets.adapter_config(method, num_layers, **ship_values)
     except (TypeError, ValueError) as error:
         raise InputError(str(error)) from error
 

@@ -103,15 +103,37 @@ def test_add_ratios_by_hand(speed):
         speed.add_ratios([dict(method="ship", train_step_s=1.0)])
 
 
-def test_targets(speed, results):
-    checks = {check["key"]: check for check in results["targets"]}
-    # VPT-deep was not measured: its target is left out; the three others are checked
-    assert set(checks) == {"ship_vs_floor_train", "ship_vs_floor_memory", "cache_vs_floor_eval"}
-    by_name = {row["method"]: row for row in results["methods"]}
-    cache_check = checks["cache_vs_floor_eval"]
-    expected = by_name["ship_cache"]["eval_latency_s"] / by_name["floor"]["eval_latency_s"]
-    assert math.isclose(cache_check["ratio"], expected)
-    assert cache_check["met"] == (cache_check["ratio"] <= 1.05)
+def test_targets(speed):
+    rows = [
+        dict(method="floor", train_step_s=1.0, eval_latency_s=1.0),
+        dict(method="floor_grad", train_step_s=2.0, eval_latency_s=1.0),
+        dict(method="vpt_deep", train_step_s=5.0, eval_latency_s=3.0),
+        dict(method="ship", train_step_s=3.0, eval_latency_s=1.5, train_saved_activations_bytes=120),
+        dict(method="ship_cache", eval_latency_s=1.05),
+        dict(method="lora", train_step_s=2.6, eval_latency_s=1.0, train_saved_activations_bytes=100),
+    ]
+    tiny = {check["key"]: check for check in speed.check_targets(rows, "tiny", interleaved=False)}
+    assert set(tiny) == {"ship_vs_vpt_train", "ship_vs_lora_train", "ship_vs_lora_activations", "ship_vs_floor_grad_train"}
+    assert math.isclose(tiny["ship_vs_vpt_train"]["ratio"], 0.6) and tiny["ship_vs_vpt_train"]["met"] is True
+    assert math.isclose(tiny["ship_vs_lora_train"]["ratio"], 3.0 / 2.6) and tiny["ship_vs_lora_train"]["met"] is True
+    assert math.isclose(tiny["ship_vs_lora_activations"]["ratio"], 1.2) and tiny["ship_vs_lora_activations"]["met"]
+    assert math.isclose(tiny["ship_vs_floor_grad_train"]["ratio"], 1.5) and tiny["ship_vs_floor_grad_train"]["met"] is None
+    b16 = {check["key"]: check for check in speed.check_targets(rows, "vit-b16", interleaved=False)}
+    assert set(b16) == {"ship_vs_vpt_train_b16", "ship_vs_lora_train_b16", "cache_vs_floor_eval_b16", "ship_vs_floor_grad_train"}
+    assert b16["ship_vs_lora_train_b16"]["met"] is False  # 1.15 < 3.0 / 2.6
+    assert math.isclose(b16["cache_vs_floor_eval_b16"]["ratio"], 1.05) and b16["cache_vs_floor_eval_b16"]["met"]
+    # a method that was not measured leaves its targets out
+    assert {check["key"] for check in speed.check_targets(rows[:4], "tiny", interleaved=False)} == {
+        "ship_vs_vpt_train", "ship_vs_floor_grad_train"
+    }
+
+
+def test_floor_grad_backward_reaches_the_images(speed):
+    settings = micro_settings(speed)
+    model = speed.build_model("floor_grad", settings)
+    pixels, labels = speed.make_batch(settings)
+    saved = speed.saved_activation_bytes(model, settings, pixels, labels, input_gradient=True)
+    assert saved > 10 * speed.saved_activation_bytes(model, settings, pixels, labels)  # the floor keeps ~nothing
 
 
 def test_json_and_markdown_files(speed, results, tmp_path):
@@ -131,7 +153,13 @@ def test_json_and_markdown_files(speed, results, tmp_path):
     assert "(1.00×)" in method_rows[0]  # the floor's own ratio
     assert "= SHIP¹" in method_rows[2]  # the cache row has no training figures of its own
     assert method_rows[0].count("|") == header.count("|")
-    assert "SHIP eval latency with the cache" in table
+    assert "| target (issue #10) |" in table
+    with_targets = dict(results, targets=speed.check_targets(
+        [dict(method="floor", train_step_s=1.0), dict(method="floor_grad", train_step_s=2.0),
+         dict(method="ship", train_step_s=3.0)], "tiny", interleaved=False))  # fmt: skip
+    assert "| SHIP training step vs the deep-prompt floor | 1.50× | — | — (reported) | — |" in speed.markdown_table(
+        with_targets
+    )
 
 
 def test_markdown_ratio_cells_match_json(speed, results):
