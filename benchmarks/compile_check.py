@@ -52,8 +52,10 @@ def run(model, pixels, labels, train: bool):
 
 
 def graph_breaks(function, *args, **kwargs) -> list[str]:
+    """The graph breaks ``torch._dynamo.explain`` finds: one line each (the reason, where dynamo gives one)."""
     explanation = torch._dynamo.explain(function)(*args, **kwargs)
-    return [f"{reason.reason.splitlines()[0]}" for reason in explanation.break_reasons]
+    reasons = [reason.reason.splitlines()[0] for reason in explanation.break_reasons]
+    return reasons + ["(no reason given)"] * (explanation.graph_break_count - len(reasons))
 
 
 def report(method: str, backend: str) -> bool:

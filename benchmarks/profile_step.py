@@ -46,8 +46,8 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
                              "aten::empty", "aten::slice_backward", "aten::narrow", "aten::expand")),
     ("top-k / reductions", ("topk", "aten::sum", "aten::mean", "aten::amin", "aten::amax", "norm", "aten::max",
                             "aten::min", "nll_loss", "cross_entropy", "log_softmax")),
-    ("optimizer (AdamW)", ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "aten::sqrt")),
-    ("element-wise", ("aten::add", "aten::mul", "aten::div", "aten::sub", "aten::rsub", "aten::neg", "aten::where",
+    ("optimizer (AdamW)", ("_foreach", "adam", "aten::lerp_", "addcdiv", "addcmul", "aten::sqrt")),
+    ("element-wise", ("aten::lerp", "aten::add", "aten::mul", "aten::div", "aten::sub", "aten::rsub", "aten::neg", "aten::where",
                       "aten::clamp", "aten::exp", "aten::pow", "aten::threshold", "aten::ge", "aten::eq")),
 )
 PHASES = ("## forward", "## backward", "## optimizer", "## eval")

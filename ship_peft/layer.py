@@ -203,7 +203,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self.backbone = backbone
         self.ship_prompts = nn.ModuleDict({})
         self._configs: dict[str, ShipConfig] = {}
-        self._checked_prototypes: set[str] = set()
         #: per adapter, PEFT's ``autocast_adapter_dtype`` (True: float16/bfloat16 blocks get float32 prompts)
         self.autocast_adapter_dtype: dict[str, bool] = {}
         # every PEFT tuner layer has these; SHIP wraps a block sequence, which has neither
@@ -236,7 +235,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
         """(Re)build adapter ``adapter_name`` for ``config``; without ``prompt_layers`` it waits for calibration."""
         self._configs[adapter_name] = config
-        self._checked_prototypes.discard(adapter_name)
         if config.prompt_layers is None:
             return
         self.ship_prompts[adapter_name] = ShipPrompts(config, self.hidden_size)
@@ -260,7 +258,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         """Remove adapter ``adapter_name`` and everything the layer keeps for it."""
         super().delete_adapter(adapter_name)
         self._configs.pop(adapter_name, None)
-        self._checked_prototypes.discard(adapter_name)
         self.autocast_adapter_dtype.pop(adapter_name, None)
         self._prompt_cache = None
 
@@ -278,24 +275,6 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 f"`ShipConfig(prompt_layers=[0, ...])`."
             )
         return self.ship_prompts[name]
-
-    def check_prototypes(self) -> None:
-        """Clear error when the active adapter has attribute prompts but no prototypes (calibration was skipped).
-
-        Checked once per adapter, before the forward (``ShipModel``'s call hook): the look at the values waits for the
-        device.
-        """
-        for name in self.active_adapters:
-            prompts = self.ship_prompts[name] if name in self.ship_prompts else None
-            if prompts is None or prompts.prototypes is None or name in self._checked_prototypes:
-                continue
-            if not torch.any(prompts.prototypes != 0):
-                raise RuntimeError(
-                    f"SHIP adapter {name!r} has attribute prompts but no prototypes. Call "
-                    f"`ship_peft.initialize_ship_weights(model, dataloader)` on your training data first (or set "
-                    f"`num_attribute_layers=0`)."
-                )
-            self._checked_prototypes.add(name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``hidden_states`` ``[B, N, D]``: the image tokens entering the first block; returns those after the last.

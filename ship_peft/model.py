@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
@@ -58,17 +57,23 @@ def _submodule_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
 def with_ship_losses(output_class: type[ModelOutput]) -> type[ModelOutput]:
     """``output_class`` with two more fields, ``classification_loss`` and ``matching_loss`` (for logging).
 
     A declared ``ModelOutput`` subclass, not extra keys: DDP and ``torch.utils._pytree`` rebuild outputs from their
-    declared fields.
+    declared fields. Made once per class and kept in a plain dict, which ``torch.compile`` reads as a constant
+    (:meth:`ShipModel._prepare_model` makes the model's declared output class up front).
     """
-    fields = [(name, Optional[torch.Tensor], dataclasses.field(default=None)) for name in LOSS_FIELDS]
-    return dataclasses.make_dataclass(f"Ship{output_class.__name__}", fields, bases=(output_class,))
+    if output_class not in SHIP_OUTPUT_CLASSES:
+        fields = [(name, Optional[torch.Tensor], dataclasses.field(default=None)) for name in LOSS_FIELDS]
+        SHIP_OUTPUT_CLASSES[output_class] = dataclasses.make_dataclass(
+            f"Ship{output_class.__name__}", fields, bases=(output_class,)
+        )
+    return SHIP_OUTPUT_CLASSES[output_class]
 
 
+#: ``with_ship_losses``' classes, by the model output class they extend.
+SHIP_OUTPUT_CLASSES: dict[type, type] = {}
 LOSS_FIELDS = ("classification_loss", "matching_loss")
 
 
@@ -84,8 +89,22 @@ def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> N
     )
 
 
-def assert_values(condition: torch.Tensor, message: str) -> None:
-    """Raise ``ValueError(message)`` unless the boolean tensor ``condition`` holds, without making the host wait.
+def check_prototypes(layer: ShipLayer) -> None:
+    """Clear error when an active adapter has attribute prompts but no prototypes (calibration was skipped)."""
+    for name in layer.active_adapters:
+        prompts = layer.ship_prompts[name] if name in layer.ship_prompts else None
+        if prompts is not None and prompts.prototypes is not None:
+            assert_values(
+                torch.any(prompts.prototypes != 0),
+                f"SHIP adapter {name!r} has attribute prompts but no prototypes. Call "
+                f"`ship_peft.initialize_ship_weights(model, dataloader)` on your training data first (or set "
+                f"`num_attribute_layers=0`).",
+                error=RuntimeError,
+            )
+
+
+def assert_values(condition: torch.Tensor, message: str, error: type[Exception] = ValueError) -> None:
+    """Raise ``error(message)`` unless the boolean tensor ``condition`` holds, without making the host wait.
 
     On CPU, where there is nothing to wait for, it is checked at once. On an accelerator, and while ``torch.compile``
     traces, it is an asynchronous device assert (``torch._assert_async``): the step is not held up, and a failure
@@ -93,7 +112,7 @@ def assert_values(condition: torch.Tensor, message: str) -> None:
     """
     if condition.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(condition):
-            raise ValueError(message)
+            raise error(message)
     else:
         torch._assert_async(condition, message)
 
@@ -150,6 +169,9 @@ class ShipModel(BaseTuner):
     #: the unweighted matching loss of the last training forward (None otherwise); models that return logits only
     #: (timm) add ``matching_loss_weight * last_matching_loss`` to their loss themselves.
     last_matching_loss: Optional[torch.Tensor] = None
+    _matching_loss_hook: Optional[torch.utils.hooks.RemovableHandle] = None
+    #: what the running ``PeftModel`` call told the matching-loss hook (None outside a call)
+    _call: Optional[dict[str, Any]] = None
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config  # the backbone is found from the model itself in `_prepare_model`
@@ -168,6 +190,11 @@ class ShipModel(BaseTuner):
             peft_config.modules_to_save = heads or None
         if peft_config.prompt_layers is not None:
             check_prompt_layers(peft_config.prompt_layers, num_layers=len(blocks))
+        if self._matching_loss_hook is None:  # one hook for the model's life: none is registered per call
+            self._matching_loss_hook = model.register_forward_hook(self._add_matching_loss)
+        output_class = getattr(type(model).forward, "__annotations__", {}).get("return")
+        if isinstance(output_class, type) and issubclass(output_class, ModelOutput):
+            with_ship_losses(output_class)  # made now, outside any torch.compile trace
 
     def _create_and_replace(
         self,
@@ -215,6 +242,9 @@ class ShipModel(BaseTuner):
             setattr(self.model.get_submodule(parent_name), child_name, plain)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
+        if self._matching_loss_hook is not None:
+            self._matching_loss_hook.remove()
+            self._matching_loss_hook = None
         return self.model
 
     def enable_prompt_cache(self) -> None:
@@ -279,40 +309,40 @@ class ShipModel(BaseTuner):
         host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         if not layer.disable_adapters:
-            layer.check_prototypes()
+            check_prototypes(layer)
             if torch.is_tensor(pixel_values):
                 check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         num_items_in_batch = kwargs.get("num_items_in_batch")
-        has_labels = kwargs.get("labels") is not None
-        batch_size = pixel_values.shape[0] if torch.is_tensor(pixel_values) else None
+        # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the items
+        # of the whole (accumulated, multi-process) batch; the matching loss is put on the same footing.
+        share = 1.0 if num_items_in_batch is None or not torch.is_tensor(pixel_values) else (
+            pixel_values.shape[0] / num_items_in_batch
+        )
         self.last_matching_loss = None
+        self._call = dict(has_labels=kwargs.get("labels") is not None, share=share)
         layer.matching_losses = []
-
-        def add_matching_loss(module: nn.Module, inputs: Any, output: Any) -> Any:
-            if not layer.matching_losses:
-                return output
-            matching_loss = self.last_matching_loss = layer.matching_losses[-1]
-            weight = self.peft_config[self.active_adapters[0]].matching_loss_weight
-            # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the
-            # items of the whole (accumulated, multi-process) batch; the matching loss is put on the same footing.
-            share = 1.0 if num_items_in_batch is None else batch_size / num_items_in_batch
-            if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
-                if not has_labels:
-                    return output
-                return (output[0] + weight * matching_loss * share, *output[1:])
-            if getattr(output, "loss", None) is None:
-                return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
-            values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
-            values["loss"] = output.loss + weight * matching_loss * share
-            return with_ship_losses(type(output))(**values)
-
-        handle = self.model.register_forward_hook(add_matching_loss)
         try:
             yield
         finally:
-            handle.remove()
+            self._call = None
             layer.matching_losses = None
+
+    def _add_matching_loss(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        """Forward hook on the task model, registered once (``_prepare_model``): during a ``PeftModel`` call, add
+        ``matching_loss_weight * matching_loss`` to the model's loss and expose both losses."""
+        layer = get_ship_layer(self.model)
+        if self._call is None or not layer.matching_losses:
+            return output  # the inner model called directly, or no matching loss (eval, weight 0)
+        matching_loss = self.last_matching_loss = layer.matching_losses[-1]
+        weighted = self.peft_config[self.active_adapters[0]].matching_loss_weight * matching_loss * self._call["share"]
+        if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
+            return (output[0] + weighted, *output[1:]) if self._call["has_labels"] else output
+        if getattr(output, "loss", None) is None:
+            return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
+        values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
+        values["loss"] = output.loss + weighted
+        return with_ship_losses(type(output))(**values)
 
 
 def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> None:

@@ -31,6 +31,14 @@ def test_no_graph_break_inside_the_ship_layer(mode, cache):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_no_graph_break_in_the_whole_peft_model_call(mode):
+    model = tiny_ship_model(seed=1).train(mode == "train")
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(pixel_values=pixels(), labels=LABELS)
+    assert explanation.graph_break_count == 0, [reason.reason for reason in explanation.break_reasons]
+
+
 def forward_backward(model, train: bool):
     with torch.set_grad_enabled(train):
         outputs = model(pixel_values=pixels(), labels=LABELS)
@@ -79,9 +87,8 @@ def test_value_checks_are_device_asserts_off_cpu(inputs, message):
 
 def test_a_training_forward_reads_no_tensor_value_on_the_host():
     """Every value check of a training forward is an asynchronous assert: nothing calls ``item``/``bool`` on a tensor
-    (on a GPU each would wait for the device). The prototype check runs once per adapter, at the first call."""
+    (on a GPU each would wait for the device), the prototype check included."""
     model = tiny_ship_model(seed=4).train()
-    model(pixel_values=pixels(), labels=LABELS)  # the one-time prototype check
     reads = []
 
     def record(name):

@@ -69,11 +69,10 @@ def test_delete_adapter_leaves_nothing_behind():
     model.set_adapter("other")
     layer.ship_prompts["other"].prototypes.normal_()  # stands in for calibration
     model(pixel_values=pixels())
-    assert "other" in layer._checked_prototypes
     model.set_adapter("default")
     model.delete_adapter("other")
     assert "other" not in layer.ship_prompts and "other" not in layer._configs
-    assert "other" not in layer._checked_prototypes and "other" not in layer.autocast_adapter_dtype
+    assert "other" not in layer.autocast_adapter_dtype
     with pytest.raises(ValueError, match="No SHIP adapter named 'other'"):
         ship_peft.initialize_ship_weights(model, [{"pixel_values": pixels(8)}], adapter_name="other", show_progress=False)
 
