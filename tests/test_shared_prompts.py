@@ -182,3 +182,25 @@ def test_joint_softmax_runs_per_sample():
         train_step(model, pixels(5, seed=16))
         model.eval()(pixel_values=pixels(5, seed=16))
     assert not runs
+
+
+@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "dinov2_registers", "clip"])
+def test_every_transformers_family_shares_the_static_prompts(name):
+    """The shared path sits on the backbone seam: each family's training equals its per-sample path in float64."""
+    from test_backbones import plain_model, ship_on
+
+    model = ship_on(plain_model(name, seed=3)).double()
+    x = pixels(5, seed=4).double()
+
+    def step(m):
+        m.train()
+        m.zero_grad(set_to_none=True)
+        outputs = m(pixel_values=x)
+        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+        loss = logits.square().mean() + m.base_model.last_matching_loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+        return {"logits": logits.detach(), "loss": loss.detach(), **grads}
+
+    shared, per_sample = both_paths(model, step)
+    assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)
