@@ -12,7 +12,7 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["ship_peft", "ship_peft.*"]),
     package_data={"ship_peft.assets": ["tiny-vit-fractal-1k/*", "digits/*"]},
-    entry_points={"console_scripts": ["ship-peft = ship_peft.cli:main"]},
+    entry_points={"console_scripts": ["ship-peft = ship_peft.app.cli:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -22,10 +22,11 @@ setup(
         "datasets>=4.0",
         "safetensors>=0.4",
         "tqdm",
-        "matplotlib>=3.7",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
+        # the command line (ship_peft/app): its pictures; the library (ship_peft) installs and imports without it
+        "cli": ["matplotlib>=3.7"],
+        "test": ["matplotlib>=3.7", "pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
         "bench": ["scikit-learn>=1.4", "scikit-image>=0.22"],
         # timm VisionTransformer backbones (ship_peft/backbones/timm_vit.py). Not in the test extra yet: timm needs
         # torchvision, and the registries CI reaches serve only CUDA torchvision wheels, which do not import with

@@ -284,7 +284,7 @@ def test_attention_mask_is_a_clear_error():
 
 @pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip"])
 def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, capsys):
-    from ship_peft.cli import main
+    from ship_peft.app.cli import main
     from test_data import save_dataset
 
     folder = tmp_path / name

@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from ship_peft import cli
+from ship_peft.app import cli
 from ship_peft.calibration import semantic_levels
-from ship_peft.cli import OFFLINE_PRESET, build_parser, main
+from ship_peft.app.cli import OFFLINE_PRESET, build_parser, main
 
 from test_data import save_dataset, save_imagefolder, save_tiny_vit
 

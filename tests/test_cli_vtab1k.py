@@ -9,9 +9,9 @@ import json
 import pytest
 from datasets import DatasetDict
 
-from ship_peft import vtab1k
-from ship_peft.cli import main
-from ship_peft.data import InputError
+from ship_peft.app import vtab1k
+from ship_peft.app.cli import main
+from ship_peft.app.errors import InputError
 
 from test_data import save_tiny_vit, tiny_dataset_dict, tiny_images
 

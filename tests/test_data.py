@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""ship_peft.data: the bundled digits, datasets from disk / imagefolder / the Hub, columns, splits, pixels.
+"""ship_peft.app.data: the bundled digits, datasets from disk / imagefolder / the Hub, columns, splits, pixels.
 
 Also the builders the CLI and training tests share: tiny image datasets (saved to disk or as an imagefolder) and a
 tiny random ViT saved to a folder.
@@ -18,9 +18,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from ship_peft import data as ship_data
+from ship_peft.app import data as ship_data
 from ship_peft.assets import BUNDLED_BACKBONE, resolve_model_path
-from ship_peft.data import InputError, load_data, load_image_processor, with_pixels
+from ship_peft.app.data import load_data, load_image_processor, with_pixels
+from ship_peft.app.errors import InputError
 
 from conftest import tiny_vit
 

@@ -8,8 +8,8 @@ import torch
 
 import ship_peft
 from ship_peft import layer as ship_layer
-from ship_peft.cli import build_parser, _resolve, OFFLINE_PRESET
-from ship_peft.training import SHIP_HYPERPARAMETERS
+from ship_peft.app.cli import build_parser, _resolve, OFFLINE_PRESET
+from ship_peft.app.training import SHIP_HYPERPARAMETERS
 
 from conftest import pixels, tiny_ship_model
 

@@ -63,3 +63,43 @@ def test_no_import_cycle_among_the_library_modules():
     for node in sorted(graph):
         visit(node, [])
     assert cycles == []
+
+
+def test_the_library_never_imports_the_application():
+    # `python -m ship_peft` (ship_peft/__main__.py) is the command line's entry point, not part of the library
+    library = {name: deps for name, deps in GRAPH.items() if not name.startswith(("ship_peft.app", "ship_peft.__main__"))}
+    assert {name: sorted(d for d in deps if d.startswith("ship_peft.app")) for name, deps in library.items()} == {
+        name: [] for name in library
+    }
+
+
+def test_the_library_works_without_the_application_s_dependencies():
+    """With matplotlib unavailable, SHIP imports, registers and runs; the command line says what to install."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import sys
+        sys.modules["matplotlib"] = None  # as if not installed
+        import torch
+        from peft import get_peft_model
+        from transformers import ViTConfig, ViTForImageClassification
+        import ship_peft
+        vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, intermediate_size=64, num_labels=3))
+        model = get_peft_model(vit, ship_peft.ShipConfig(num_prompts=2, prompt_layers=[0], num_attribute_layers=0))
+        assert model(pixel_values=torch.randn(2, 3, 16, 16)).logits.shape == (2, 3)
+        assert not [name for name in sys.modules if name.startswith("ship_peft.app")]
+        try:
+            import ship_peft.app.cli
+        except ImportError as error:
+            assert 'pip install "ship-peft[cli]"' in str(error), error
+        else:
+            raise AssertionError("the command line imported without matplotlib")
+        print("ok")
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]

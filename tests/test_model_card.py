@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""ship_peft.model_card: what the card says, that its loading code works, and the folder ``push_adapter`` uploads
+"""ship_peft.app.model_card: what the card says, that its loading code works, and the folder ``push_adapter`` uploads
 (the Hub itself is replaced by a recorder: nothing can reach it here)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from transformers import ViTForImageClassification, ViTImageProcessorPil
 
 import ship_peft
 from ship_peft.assets import BUNDLED_BACKBONE
-from ship_peft.model_card import CARD_TAGS, AdapterCard, model_card, push_adapter, write_model_card
+from ship_peft.app.model_card import CARD_TAGS, AdapterCard, model_card, push_adapter, write_model_card
 
 from conftest import fill_prototypes, pixels, tiny_vit
 

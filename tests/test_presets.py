@@ -12,7 +12,7 @@ import pytest
 from peft import LoraConfig
 
 from ship_peft import ShipConfig, presets
-from ship_peft.training import method_config
+from ship_peft.app.training import method_config
 
 from conftest import tiny_vit
 

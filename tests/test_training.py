@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""ship_peft.training: models of the three methods, calibration sample, Trainer arguments, separate loss logging."""
+"""ship_peft.app.training: models of the three methods, calibration sample, Trainer arguments, separate loss logging."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch
 import transformers
 from transformers import ResNetConfig
 
-from ship_peft import training
-from ship_peft.data import InputError, choose_splits, load_image_processor, standardize, with_pixels
-from ship_peft.training import TrainSettings, build_model, method_config, train_method
+from ship_peft.app import training
+from ship_peft.app.data import choose_splits, load_image_processor, standardize, with_pixels
+from ship_peft.app.errors import InputError
+from ship_peft.app.training import TrainSettings, build_model, method_config, train_method
 
 from conftest import tiny_vit
 from test_data import save_tiny_vit, tiny_dataset_dict

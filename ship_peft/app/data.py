@@ -22,7 +22,8 @@ from datasets import Image as ImageFeature
 from PIL import Image
 from transformers import AutoImageProcessor, ViTImageProcessorPil
 
-from .assets import DIGITS_FILE
+from ..assets import DIGITS_FILE
+from .errors import InputError
 
 IMAGE, LABEL = "image", "label"
 
@@ -34,10 +35,6 @@ DIGITS_NUM_VALIDATION, DIGITS_NUM_TEST = 200, 797  # of 1797: 800 / 200 / 797, t
 
 VALIDATION_SPLIT_NAMES = ("validation", "valid", "val")
 LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class", "target")
-
-
-class InputError(ValueError):
-    """Bad input from the user (a path, a column, a split, a task, ...); the message names the problem and the fix."""
 
 
 @dataclass

@@ -19,19 +19,19 @@ from typing import Any, Callable, Optional, Sequence
 
 from peft import PeftModel
 
-from . import __version__
-from .assets import BUNDLED_BACKBONE, resolve_model_path
-from .calibration import collect_cls_features, layer_affinity, semantic_levels
-from .config import ShipConfig
+from .. import __version__
+from ..assets import BUNDLED_BACKBONE, resolve_model_path
+from ..calibration import collect_cls_features, layer_affinity, semantic_levels
+from ..config import ShipConfig
 from .data import (
     DIGITS,
     DIGITS_DESCRIPTION,
     ImageClassificationData,
-    InputError,
     load_data,
     load_image_processor,
     with_pixels,
 )
+from .errors import InputError
 from .model_card import AdapterCard, push_adapter, write_model_card
 from .plots import plot_confusion_matrix, plot_layer_affinity, plot_training_curves
 from .training import (

@@ -21,8 +21,9 @@ from accelerate.utils import broadcast_object_list
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value, concatenate_datasets
 from datasets import Image as ImageFeature
 
-from .data import IMAGE, LABEL, InputError, find_columns, load_dataset_dict, standardize, with_pixels
-from .safe_io import write_atomically
+from .data import IMAGE, LABEL, find_columns, load_dataset_dict, standardize, with_pixels
+from ..safe_io import write_atomically
+from .errors import InputError
 from .training import TrainedMethod, TrainSettings, distributed_state, predict, say, train_method
 
 SPLITS = ("train800", "val200", "train800val200", "test")

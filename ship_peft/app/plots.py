@@ -11,8 +11,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+try:
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+except ImportError as error:  # the library installs without it; the command line needs it
+    raise ImportError(
+        "The ship-peft command line draws its pictures with matplotlib, which is not installed; install the "
+        'command line with `pip install "ship-peft[cli]"`.'
+    ) from error
 
 MAX_ANNOTATED_CELLS = 16  # write the numbers into heatmaps up to this many rows
 

@@ -11,8 +11,8 @@ from typing import Optional
 from huggingface_hub import CommitOperationAdd, HfApi
 from peft import PeftModel
 
-from .assets import BUNDLED_BACKBONE
-from .config import ShipConfig
+from ..assets import BUNDLED_BACKBONE
+from ..config import ShipConfig
 from .data import DIGITS
 
 CARD_TAGS = ["ship-peft", "ship", "peft", "prompt-tuning", "vision", "image-classification"]

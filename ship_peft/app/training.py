@@ -26,11 +26,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoConfig, AutoModelForImageClassification, EvalPrediction, Trainer, TrainingArguments
 from transformers import default_data_collator, set_seed
 
-from .assets import resolve_model_path
-from .calibration import CalibrationResult, initialize_ship_weights
-from . import presets
-from .config import HYPERPARAMETERS, ShipConfig
-from .data import InputError
+from ..assets import resolve_model_path
+from ..calibration import CalibrationResult, initialize_ship_weights
+from .. import presets
+from ..config import HYPERPARAMETERS, ShipConfig
+from .errors import InputError
 
 METHODS = ("ship", "vpt-deep", "linear")
 METHOD_TITLES = {method: presets.TITLES[method] for method in METHODS}
