@@ -21,7 +21,7 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 import ship_peft
-from conftest import tiny_ship_model, tiny_vit
+from utils import tiny_ship_model, tiny_vit
 from ship_peft import safe_io
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

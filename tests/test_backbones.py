@@ -3,7 +3,7 @@
 
 (a) with lambda = 0 and decoupled attention SHIP's image tokens never read the prompts, so the outputs equal the
     unwrapped model's (eval and train mode): the seam reproduces each family's block;
-(b) the naive oracle (``naive_ship.py``, per-family block parts written out from the weights) in float64, training;
+(b) the naive oracle (``tests/utils/naive_ship.py``, per-family block parts written out from the weights) in float64, training;
 (c) calibration, save/load, the prompt cache and gradient checkpointing.
 """
 
@@ -35,8 +35,8 @@ from transformers import (
 
 import ship_peft
 
-from conftest import fill_prototypes, pixels, tiny_vit, tiny_vit_config
-from naive_ship import BlockParts, linear, naive_ship_on_host, vit_parts
+from utils import fill_prototypes, pixels, tiny_vit, tiny_vit_config
+from utils.naive_ship import BlockParts, linear, naive_ship_on_host, vit_parts
 from test_forward_naive import (
     TIGHT,
     assert_grads_close,

@@ -9,7 +9,7 @@ from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from conftest import pixels, tiny_ship_model, tiny_vit
+from utils import pixels, tiny_ship_model, tiny_vit
 from ship_peft.safe_io import CorruptAdapterFileError
 
 

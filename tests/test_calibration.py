@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import ship_peft
 from ship_peft import ShipConfig, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 
-from conftest import pixels, tiny_vit
+from utils import pixels, tiny_vit
 
 
 def test_grouping_reproduces_the_authors_levels(shared_dir):

@@ -12,7 +12,7 @@ import torch._dynamo
 
 import ship_peft
 
-from conftest import pixels, tiny_ship_model
+from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 1])
 

@@ -9,7 +9,7 @@ from ship_peft import ShipConfig
 
 from peft import get_peft_model
 
-from conftest import tiny_vit
+from utils import tiny_vit
 
 
 def test_defaults_are_the_reference_recipe():

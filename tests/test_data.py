@@ -23,7 +23,7 @@ from ship_peft.assets import BUNDLED_BACKBONE, resolve_model_path
 from ship_peft.app.data import load_data, load_image_processor, with_pixels
 from ship_peft.app.errors import InputError
 
-from conftest import tiny_vit
+from utils import tiny_vit
 
 
 def tiny_images(count: int, num_classes: int = 3, size: int = 16, seed: int = 0) -> tuple[list[Image.Image], list[int]]:

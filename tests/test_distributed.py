@@ -2,7 +2,7 @@
 """Distributed SHIP (2 CPU processes, gloo): calibration gathers every rank's features, DDP training with the HF
 Trainer equals one process with the same global batch and seed, and only rank 0 writes files.
 
-The 2-process run (``tests/distributed_train.py`` under ``torchrun``) is launched once per module (about 20 s on 2
+The 2-process run (``tests/utils/distributed_train.py`` under ``torchrun``) is launched once per module (about 20 s on 2
 cores); the single-process references run in this process with the same functions. Skipped only where
 ``torch.distributed``/gloo is unavailable, or with ``SHIP_PEFT_SKIP_DISTRIBUTED=1``; ``.ci/run`` runs it.
 """
@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distributed_train as harness
+from utils import distributed_train as harness
 
 SCRIPT = Path(harness.__file__)
 WORLD_SIZE = 2

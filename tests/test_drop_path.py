@@ -11,7 +11,7 @@ from ship_peft import layer as ship_layer
 from ship_peft.app.cli import build_parser, _resolve, OFFLINE_PRESET
 from ship_peft.app.training import SHIP_HYPERPARAMETERS
 
-from conftest import pixels, tiny_ship_model
+from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 0])
 

@@ -1,6 +1,6 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """The package's SHIP forward pass, losses and gradients against a naive re-implementation of SHIP_METHOD.md §4-§5
-(``naive_ship.py``), in float64, over many configurations; plus: only prompts and classifier are trained."""
+(``tests/utils/naive_ship.py``), in float64, over many configurations; plus: only prompts and classifier are trained."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from transformers import ViTForImageClassification
 
 import ship_peft
 
-from conftest import base_state_dict, pixels, tiny_ship_model
-from naive_ship import NaiveHyperParameters, NaivePrompts, naive_ship_forward
+from utils import base_state_dict, pixels, tiny_ship_model
+from utils.naive_ship import NaiveHyperParameters, NaivePrompts, naive_ship_forward
 
 LABELS = torch.tensor([0, 1, 2, 1])
 

@@ -103,3 +103,11 @@ def test_the_library_works_without_the_application_s_dependencies():
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0 and completed.stdout.strip().endswith("ok"), completed.stderr[-2000:]
+
+
+def test_tests_hold_tests_and_fixtures_only():
+    """Helpers live in tests/utils, scripts in scripts/; conftest holds fixtures and nothing imports from it."""
+    tests = Path(__file__).resolve().parent
+    assert sorted(path.name for path in tests.glob("*.py") if not path.name.startswith("test_")) == ["conftest.py"]
+    assert [path.name for path in tests.rglob("*.py") if "from conftest import" in path.read_text()] == []
+    assert (tests.parent / "scripts" / "make_reference_fixture.py").is_file()

@@ -19,7 +19,7 @@ import ship_peft
 from ship_peft.assets import BUNDLED_BACKBONE
 from ship_peft.app.model_card import CARD_TAGS, AdapterCard, model_card, push_adapter, write_model_card
 
-from conftest import fill_prototypes, pixels, tiny_vit
+from utils import fill_prototypes, pixels, tiny_vit
 
 
 def card_for(config, base_model: str, dataset: str = "someone/flowers", repo_id=None, **overrides) -> AdapterCard:

@@ -13,7 +13,7 @@ from transformers import ViTConfig, ViTForImageClassification
 import ship_peft
 from ship_peft.layer import ShipPrompts, prompt_matching_loss
 
-from conftest import fill_prototypes, pixels, tiny_ship_model, tiny_vit
+from utils import fill_prototypes, pixels, tiny_ship_model, tiny_vit
 
 LABELS = torch.tensor([0, 1, 2, 1])
 AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.float16, id="fp16")]

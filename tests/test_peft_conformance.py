@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 import ship_peft
 from ship_peft import ShipConfig
 
-from conftest import pixels, tiny_ship_model, tiny_vit
+from utils import pixels, tiny_ship_model, tiny_vit
 
 SHIP = dict(num_prompts=3, prompt_layers=[0, 2], num_prototypes=5, num_attribute_prompts=4)
 

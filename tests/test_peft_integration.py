@@ -16,7 +16,7 @@ from transformers import Trainer, TrainingArguments, ViTConfig, ViTModel
 import ship_peft
 from ship_peft import ShipConfig
 
-from conftest import base_state_dict, fill_prototypes, pixels, tiny_ship_model, tiny_vit
+from utils import base_state_dict, fill_prototypes, pixels, tiny_ship_model, tiny_vit
 
 LABELS = torch.tensor([0, 1, 2, 1])
 
@@ -81,7 +81,7 @@ def test_adapter_loads_in_a_fresh_process_with_identical_logits(tmp_path):
         from peft import PeftConfig, PeftModel
         from transformers import ViTForImageClassification
         sys.path.insert(0, {str(__file__.rsplit('/', 1)[0])!r})
-        from conftest import tiny_vit_config, pixels
+        from utils import tiny_vit_config, pixels
         base = ViTForImageClassification(tiny_vit_config())
         base.load_state_dict(torch.load({str(tmp_path / 'base.pt')!r}))
         assert type(PeftConfig.from_pretrained({str(tmp_path / 'adapter')!r})).__name__ == "ShipConfig"

@@ -5,7 +5,7 @@ import pytest
 import ship_peft
 import torch
 
-from conftest import pixels, tiny_ship_model
+from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 1])
 

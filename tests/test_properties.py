@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 import ship_peft
 
-from conftest import fill_prototypes, tiny_vit
+from utils import fill_prototypes, tiny_vit
 
 SETTINGS = settings(
     max_examples=50, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow], database=None

@@ -1,7 +1,7 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """Parity with the authors' own SHIP code, without ``../shared`` at test time.
 
-``fixtures/ship_reference_{a,c}.json`` (made by ``make_reference_fixture.py`` from
+``fixtures/ship_reference_{a,c}.json`` (made by ``scripts/make_reference_fixture.py`` from
 ``../shared/reference-outputs/golden_{a,c}.*``) hold the recipe that regenerates, bitwise, the random ViT-B-shaped
 model, prompts, prototypes and pixels of each case, and the official code's float64 outputs: logits (train, eval,
 no prompts), cross-entropy, matching and total loss, the ordered top-k tokens of every attribute layer and of the
@@ -26,7 +26,7 @@ from peft import get_peft_model
 from transformers import ViTConfig, ViTForImageClassification
 
 import ship_peft
-from make_reference_fixture import CASES, build_fixture, fixture_path, regenerate_tensors, tensors_sha256
+from utils.reference_fixture import CASES, build_fixture, fixture_path, regenerate_tensors, tensors_sha256
 
 DTYPES = [torch.float64, torch.float32]
 FLOAT64_RTOL = 1e-9
@@ -164,7 +164,7 @@ parametrize_dtype = pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "fl
 def test_fixture_regenerates_reference_inputs(case):
     assert tensors_sha256(reference_inputs(case)) == load_fixture(case)["inputs_sha256"], (
         "torch's CPU normal_ stream no longer gives the reference tensors; every parity test of this case is void. "
-        "Store the tensors themselves instead of the recipe (see make_reference_fixture.py)."
+        "Store the tensors themselves instead of the recipe (see tests/utils/reference_fixture.py)."
     )
 
 

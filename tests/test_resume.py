@@ -16,7 +16,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import ship_peft
 
-from conftest import fill_prototypes, pixels, tiny_vit
+from utils import fill_prototypes, pixels, tiny_vit
 
 CONFIG = dict(num_prompts=3, prompt_layers=[0, 2, 3], num_prototypes=5, num_attribute_prompts=4)
 IMAGES = 20

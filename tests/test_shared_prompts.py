@@ -13,7 +13,7 @@ import torch
 import ship_peft
 from ship_peft.layer import ShipLayer
 
-from conftest import pixels, tiny_ship_model
+from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 1, 0])
 

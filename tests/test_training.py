@@ -15,7 +15,7 @@ from ship_peft.app.data import choose_splits, load_image_processor, standardize,
 from ship_peft.app.errors import InputError
 from ship_peft.app.training import TrainSettings, build_model, method_config, train_method
 
-from conftest import tiny_vit
+from utils import tiny_vit
 from test_data import save_tiny_vit, tiny_dataset_dict
 
 SHIP = dict(num_prompts=2, share_threshold=0.999, num_prototypes=4, num_attribute_prompts=3)

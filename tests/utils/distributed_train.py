@@ -3,8 +3,8 @@
 
 Launched by ``tests/test_distributed.py``; by hand (see ``docs/reliability.md``)::
 
-    OMP_WAIT_POLICY=PASSIVE python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train.py OUT
-    OMP_WAIT_POLICY=PASSIVE accelerate launch --multi_gpu --num_processes 2 tests/distributed_train.py OUT
+    OMP_WAIT_POLICY=PASSIVE python -m torch.distributed.run --standalone --nproc_per_node 2 tests/utils/distributed_train.py OUT
+    OMP_WAIT_POLICY=PASSIVE accelerate launch --multi_gpu --num_processes 2 tests/utils/distributed_train.py OUT
 
 (the script itself picks gloo and the CPU; ``accelerate launch --cpu --num_processes 2`` starts one process only
 unless MPI is set up with ``--mpirun_hostfile``).
@@ -38,10 +38,10 @@ from peft import get_peft_model
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for `utils`
 
 import ship_peft  # noqa: E402
-from conftest import fill_prototypes, pixels, tiny_vit  # noqa: E402
+from utils import fill_prototypes, pixels, tiny_vit  # noqa: E402
 
 GLOBAL_BATCH = 8
 TRAIN_IMAGES = 24  # 3 optimizer steps per epoch
@@ -202,7 +202,7 @@ class WriteRecorder:
 def main() -> None:
     if "RANK" not in os.environ or len(sys.argv) != 2:
         sys.exit(
-            "usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_train.py OUT "
+            "usage: python -m torch.distributed.run --standalone --nproc_per_node 2 tests/utils/distributed_train.py OUT "
             "(or accelerate launch --multi_gpu --num_processes 2 ...); RANK/WORLD_SIZE must be set by the launcher."
         )
     output_dir = Path(sys.argv[1])

@@ -1,5 +1,6 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Derive the committed parity fixtures ``tests/fixtures/ship_reference_{a,c}.json`` from the authors' outputs.
+"""The parity fixtures ``tests/fixtures/ship_reference_{a,c}.json``: how ``scripts/make_reference_fixture.py``
+derives them from the authors' outputs, and how the tests rebuild their inputs.
 
 The reference outputs (``../shared/reference-outputs/golden_<case>.{json,safetensors}``, see the README there) are
 outputs of the official SHIP code on small random ViT-B-shaped models, in float64. The weights, prompts, prototypes
@@ -20,7 +21,7 @@ the gradient of the total loss for every prompt tensor and the classifier (``gra
 
 Usage (from the repository root; the default source is ``../shared/reference-outputs``)::
 
-    python tests/make_reference_fixture.py [path/to/reference-outputs]
+    python scripts/make_reference_fixture.py [path/to/reference-outputs]
 
 ``tests/test_reference_parity.py::test_fixture_matches_shared`` checks that the committed fixtures are what this
 script makes, wherever ``../shared`` is present.
@@ -38,8 +39,8 @@ import torch
 from safetensors.torch import load_file
 
 CASES = ("a", "c")
-FIXTURE_DIR = Path(__file__).resolve().parent / "fixtures"
-DEFAULT_SOURCE = Path(__file__).resolve().parents[2] / "shared" / "reference-outputs"
+FIXTURE_DIR = Path(__file__).resolve().parents[1] / "fixtures"
+DEFAULT_SOURCE = Path(__file__).resolve().parents[3] / "shared" / "reference-outputs"
 
 #: official (timm ``blocks.{i}.``) module -> transformers-5 ``vit.layers.{i}.`` module
 _BLOCK_MODULES = {
@@ -139,7 +140,7 @@ def build_fixture(source: Path, case: str) -> dict:
     fixture = {
         "case": case,
         "source": f"reference-outputs/golden_{case}.* (official SHIP code, timm 0.5.4, float64); "
-        "made by tests/make_reference_fixture.py",
+        "made by scripts/make_reference_fixture.py",
         "seed": meta["seed"],
         "init_note": meta["init"]["note"],
         "vit_config": {
@@ -189,34 +190,3 @@ def build_fixture(source: Path, case: str) -> dict:
     }
     fixture["expected"] = expected
     return fixture
-
-
-def dumps(value, indent: int = 0) -> str:
-    """JSON with one line per innermost list of numbers and per dict inside a list (floats as Python's exact
-    round-trip ``repr``)."""
-    pad, inner = " " * indent, " " * (indent + 1)
-    if isinstance(value, dict):
-        if not value:
-            return "{}"
-        items = [f"{inner}{json.dumps(key)}: {dumps(item, indent + 1)}" for key, item in value.items()]
-        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
-    if isinstance(value, list) and any(isinstance(item, (list, dict)) for item in value):
-        lines = [json.dumps(item) if isinstance(item, dict) else dumps(item, indent + 1) for item in value]
-        return "[\n" + ",\n".join(inner + line for line in lines) + "\n" + pad + "]"
-    return json.dumps(value)
-
-
-def main(argv: list[str]) -> None:
-    source = Path(argv[1]) if len(argv) > 1 else DEFAULT_SOURCE
-    FIXTURE_DIR.mkdir(exist_ok=True)
-    for case in CASES:
-        fixture = build_fixture(source, case)
-        path = fixture_path(case)
-        path.write_text(dumps(fixture) + "\n")
-        if json.loads(path.read_text()) != fixture:
-            raise RuntimeError(f"{path} does not read back as written")
-        print(f"wrote {path} ({path.stat().st_size} bytes)")
-
-
-if __name__ == "__main__":
-    main(sys.argv)
