@@ -7,8 +7,6 @@ from peft import PeftConfig, get_peft_model
 import ship_peft
 from ship_peft import ShipConfig
 
-from peft import get_peft_model
-
 from utils import tiny_vit
 
 

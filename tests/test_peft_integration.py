@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments, ViTConfig, ViTModel
+from transformers import Trainer, TrainingArguments, ViTModel
 
 import ship_peft
 from ship_peft import ShipConfig

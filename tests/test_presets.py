@@ -14,7 +14,6 @@ from peft import LoraConfig
 from ship_peft import ShipConfig, presets
 from ship_peft.app.training import method_config
 
-from utils import tiny_vit
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
