@@ -102,7 +102,8 @@ class ShipPrompts(nn.Module):
         if top_tokens.shape[1] < self.config.num_attribute_prompts:
             raise ValueError(
                 f"num_attribute_prompts={self.config.num_attribute_prompts} exceeds the {top_tokens.shape[1]} image "
-                f"tokens (CLS + patches) the attribute prompts are drawn from; lower `ShipConfig.num_attribute_prompts`."
+                f"tokens (CLS + patches) the attribute prompts are drawn from; lower "
+                f"`ShipConfig.num_attribute_prompts`."
             )
         prototypes = self.prototypes.to(top_tokens.dtype)
         pattern = _cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +350,22 @@ def test_python_m_ship_peft_runs_the_offline_default_end_to_end(tmp_path):
     assert metrics["model"] == "tiny-vit-fractal-1k" and metrics["prompt_layers"][0] == 0
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "tiny-vit-fractal-1k" and config["num_prompts"] == 10
+
+
+def test_each_command_resolves_one_run_spec_before_any_work():
+    """parse -> one run spec: every default settled (the offline preset's included), nothing loaded yet."""
+    parser = build_parser()
+    offline = cli.train_run(parser.parse_args(["train"]))
+    assert offline.offline and offline.model_path == cli.BUNDLED_BACKBONE
+    assert offline.ship_values["num_prompts"] == OFFLINE_PRESET["num_prompts"]
+    assert offline.settings.epochs == OFFLINE_PRESET["epochs"] and offline.baselines == cli.OFFLINE_BASELINES
+    assert offline.data.dataset is None and offline.output_dir == Path("outputs/train")
+    user = cli.train_run(parser.parse_args(["train", "--model", "org/vit", "--num-prompts", "7", "--baselines", "linear"]))
+    assert not user.offline and user.ship_values["num_prompts"] == 7 and user.settings.epochs == 100
+    assert user.baselines == ["linear"] and user.ship_values["drop_path_rate"] == 0.1  # the recipe's
+    evaluation = cli.evaluate_run(parser.parse_args(["evaluate", "adapter_dir", "--model", "org/vit", "--split", "validation"]))
+    assert (evaluation.adapter, evaluation.model_path, evaluation.split, evaluation.output_dir) == (
+        "adapter_dir", "org/vit", "validation", None
+    )
+    calibration = cli.calibrate_run(parser.parse_args(["calibrate"]))
+    assert calibration.share_threshold == OFFLINE_PRESET["share_threshold"] and calibration.model_path == cli.BUNDLED_BACKBONE

@@ -1,6 +1,11 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """The ``ship-peft`` command line (also ``python -m ship_peft``): train, evaluate, calibrate, vtab1k, vtab1k-table.
 
+Each command is a pipeline that reads top-down: the flags are parsed, then resolved into one run spec
+(:class:`TrainRun`, :class:`EvaluateRun`, :class:`CalibrateRun`: every default, the offline preset's included, is
+settled there), the spec is run (:func:`train`, :func:`evaluate`, :func:`calibrate`), and the outcome is reported
+(``report_*``: files, tables, the Hub).
+
 ``ship-peft train`` with no ``--model`` is the offline default: the bundled fractal-pretrained ViT on the bundled
 digits, SHIP against linear probing and VPT-deep, in a few minutes on 2 CPU cores. See ``docs/cli.md``.
 """
@@ -345,21 +350,41 @@ def _print_settings(title: str, values: dict[str, Any], preset: dict[str, Any]) 
         say(f"  {name:<24} {value}{note}")
 
 
-def _load_data(args: argparse.Namespace) -> ImageClassificationData:
-    data = load_data(
-        args.dataset,
-        config_name=args.dataset_config,
-        image_column=args.image_column,
-        label_column=args.label_column,
-        train_split=args.train_split,
-        validation_split=args.validation_split,
-        test_split=args.test_split,
-        validation_size=args.validation_size,
-        test_size=args.test_size,
-        seed=args.split_seed,
-    )
-    say(f"data: {data.name}, {_describe(data)}")
-    return data
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """Which dataset and splits a command reads (the data and split flags), as :func:`load_data` takes them."""
+
+    dataset: Optional[str]
+    config_name: Optional[str]
+    image_column: Optional[str]
+    label_column: Optional[str]
+    train_split: str
+    validation_split: Optional[str]
+    test_split: Optional[str]
+    validation_size: float
+    test_size: float
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataSpec":
+        return cls(
+            dataset=args.dataset,
+            config_name=args.dataset_config,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            train_split=args.train_split,
+            validation_split=args.validation_split,
+            test_split=args.test_split,
+            validation_size=args.validation_size,
+            test_size=args.test_size,
+            seed=args.split_seed,
+        )
+
+    def load(self) -> ImageClassificationData:
+        values = dataclasses.asdict(self)
+        data = load_data(values.pop("dataset"), **values)
+        say(f"data: {data.name}, {_describe(data)}")
+        return data
 
 
 def _processor(model_path: str) -> Any:
@@ -391,60 +416,117 @@ def results_markdown(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class TrainRun:
+    """One ``ship-peft train`` run, every value resolved from the flags (the offline default's included)."""
+
+    model_path: str
+    offline: bool  # no --model: the bundled backbone with OFFLINE_PRESET
+    ship_values: dict[str, Any]
+    settings: TrainSettings
+    baselines: list[str]
+    data: DataSpec
+    output_dir: Path
+    push_to_hub: Optional[str]
+    hub_private: bool
+
+    @property
+    def preset(self) -> dict[str, Any]:
+        return OFFLINE_PRESET if self.offline else {}
+
+
+@dataclasses.dataclass
+class TrainOutcome:
+    """What training gave: the data, the trained methods, their result rows and SHIP's test predictions."""
+
+    data: ImageClassificationData
+    processor: Any
+    runs: dict[str, TrainedMethod]
+    results: dict[str, dict[str, Any]]
+    ship_predictions: list[Any]
+
+
 def command_train(args: argparse.Namespace) -> int:
-    """``ship-peft train``."""
+    """``ship-peft train``: parse -> one run spec -> train -> report."""
     start = time.perf_counter()
-    model_path = args.model or BUNDLED_BACKBONE
-    preset = OFFLINE_PRESET if args.model is None else {}
-    ship_values = _resolve(args, SHIP_HYPERPARAMETERS, preset)
-    settings = _settings(args, preset)
-    baselines = args.baselines if args.baselines is not None else (OFFLINE_BASELINES if preset else [])
-    if preset:
+    outcome = train(run := train_run(args))
+    if distributed_state().is_main_process:
+        report_train(run, outcome, start)
+    return 0
+
+
+def train_run(args: argparse.Namespace) -> TrainRun:
+    """The run the flags ask for."""
+    offline = args.model is None
+    preset = OFFLINE_PRESET if offline else {}
+    return TrainRun(
+        model_path=args.model or BUNDLED_BACKBONE,
+        offline=offline,
+        ship_values=_resolve(args, SHIP_HYPERPARAMETERS, preset),
+        settings=_settings(args, preset),
+        baselines=args.baselines if args.baselines is not None else (OFFLINE_BASELINES if offline else []),
+        data=DataSpec.from_args(args),
+        output_dir=Path(args.output_dir),
+        push_to_hub=args.push_to_hub,
+        hub_private=args.hub_private,
+    )
+
+
+def train(run: TrainRun) -> TrainOutcome:
+    """Load the data, train SHIP and the baselines on it with the same budget, and predict the test split."""
+    if run.offline:
         say(f"ship-peft train, offline default: the bundled backbone {BUNDLED_BACKBONE} (no --model given).")
-    _print_settings("SHIP hyper-parameters:", ship_values, preset)
-    _print_settings("training:", _training_values(settings), preset)
-    data = _load_data(args)
-    processor = _processor(model_path)
-    train, validation, test = (with_pixels(split, processor) for split in (data.train, data.validation, data.test))
-    output_dir = Path(args.output_dir)
-    runs, results, test_predictions = {}, {}, {}
-    for method in ["ship", *baselines]:
+    _print_settings("SHIP hyper-parameters:", run.ship_values, run.preset)
+    _print_settings("training:", _training_values(run.settings), run.preset)
+    data = run.data.load()
+    processor = _processor(run.model_path)
+    splits = (data.train, data.validation, data.test)
+    train_split, validation, test = (with_pixels(split, processor) for split in splits)
+    runs, results, ship_predictions = {}, {}, []
+    for method in ["ship", *run.baselines]:
         say(f"\n=== {METHOD_TITLES[method]} ===")
+        logs = run.output_dir / "logs" / method
         runs[method] = train_method(
-            method, model_path, data.label_names, train, settings, ship_values, output_dir / "logs" / method, validation
+            method, run.model_path, data.label_names, train_split, run.settings, run.ship_values, logs, validation
         )
-        test_accuracy, *test_predictions[method] = predict(runs[method].trainer, test, "test")
+        test_accuracy, *predictions = predict(runs[method].trainer, test, "test")
         results[method] = _method_row(runs[method], test_accuracy)
+        if method == "ship":
+            ship_predictions = predictions
     say(f"SHIP semantic levels: {runs['ship'].calibration.prompt_layers}")
-    if not distributed_state().is_main_process:
-        return 0
+    return TrainOutcome(data, processor, runs, results, ship_predictions)
+
+
+def report_train(run: TrainRun, outcome: TrainOutcome, start: float) -> None:
+    """Save the adapter with its model card, the pictures and metrics.json; print the table; push if asked."""
+    data, results, ship = outcome.data, outcome.results, outcome.runs["ship"]
     card = AdapterCard(
-        config=runs["ship"].model.peft_config["default"],
-        base_model=model_path,
+        config=ship.model.peft_config["default"],
+        base_model=run.model_path,
         dataset=data.name,
         dataset_description=_describe(data),
         label_names=data.label_names,
         test_accuracy=results["ship"]["test_accuracy"],
         validation_accuracy=results["ship"]["validation_accuracy"],
         trainable_parameters=results["ship"]["trainable_parameters"],
-        training=_training_values(settings),
-        comparison={METHOD_TITLES[method]: results[method]["test_accuracy"] for method in baselines},
-        levels_calibrated=ship_values["prompt_layers"] is None,
-        repo_id=args.push_to_hub,
+        training=_training_values(run.settings),
+        comparison={METHOD_TITLES[method]: results[method]["test_accuracy"] for method in run.baselines},
+        levels_calibrated=run.ship_values["prompt_layers"] is None,
+        repo_id=run.push_to_hub,
     )
-    adapter_dir = _save_adapter(runs["ship"], processor, card, output_dir / "adapter")
-    _save_pictures(runs, test_predictions["ship"], data, card, output_dir)
-    _save_metrics(runs["ship"], results, data, card, output_dir / "metrics.json", time.perf_counter() - start)
+    output_dir = run.output_dir
+    adapter_dir = _save_adapter(ship, outcome.processor, card, output_dir / "adapter")
+    _save_pictures(outcome.runs, outcome.ship_predictions, data, card, output_dir)
+    _save_metrics(ship, results, data, card, output_dir / "metrics.json", time.perf_counter() - start)
     say(f"\nTop-1 on {data.name} test ({len(data.test)} images) at the end of training, same data and budget:\n")
     say(results_markdown(results))
     say(
         f"\nWrote the adapter with its model card to {adapter_dir}/, and metrics.json, training_curves.png, "
         f"layer_affinity.png and confusion_matrix.png to {output_dir}/ ({time.perf_counter() - start:.0f} s)."
     )
-    if args.push_to_hub:
-        url = push_adapter(runs["ship"].model, args.push_to_hub, adapter_dir, private=args.hub_private or None)
+    if run.push_to_hub:
+        url = push_adapter(ship.model, run.push_to_hub, adapter_dir, private=run.hub_private or None)
         say(f"Pushed the adapter to {url}")
-    return 0
 
 
 def _training_values(settings: TrainSettings) -> dict[str, Any]:
@@ -504,89 +586,186 @@ def _save_metrics(
     path.write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
+@dataclasses.dataclass(frozen=True)
+class EvaluateRun:
+    """One ``ship-peft evaluate`` run, resolved from the flags."""
+
+    adapter: str
+    model_path: str
+    data: DataSpec
+    split: str
+    batch_size: int
+    bf16: bool
+    output_dir: Optional[Path]
+
+
+@dataclasses.dataclass
+class EvaluateOutcome:
+    data: ImageClassificationData
+    num_images: int
+    top1: float
+    predicted: Any
+    labels: Any
+
+
 def command_evaluate(args: argparse.Namespace) -> int:
-    """``ship-peft evaluate``."""
-    model_path = args.model or adapter_base_model(args.adapter)
-    data = _load_data(args)
-    dataset = {"train": data.train, "validation": data.validation, "test": data.test}[args.split]
-    num_labels = adapter_num_labels(args.adapter)
+    """``ship-peft evaluate``: parse -> one run spec -> evaluate -> report."""
+    outcome = evaluate(run := evaluate_run(args))
+    if distributed_state().is_main_process:
+        report_evaluate(run, outcome)
+    return 0
+
+
+def evaluate_run(args: argparse.Namespace) -> EvaluateRun:
+    """The run the flags ask for (the backbone: ``--model``, else the one the adapter records)."""
+    return EvaluateRun(
+        adapter=args.adapter,
+        model_path=args.model or adapter_base_model(args.adapter),
+        data=DataSpec.from_args(args),
+        split=args.split,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        output_dir=Path(args.output_dir) if args.output_dir else None,
+    )
+
+
+def evaluate(run: EvaluateRun) -> EvaluateOutcome:
+    """Load the adapter onto its backbone and predict the split (the prompt cache on, as for any inference)."""
+    data = run.data.load()
+    dataset = {"train": data.train, "validation": data.validation, "test": data.test}[run.split]
+    num_labels = adapter_num_labels(run.adapter)
     if num_labels != len(data.label_names):
         raise InputError(
-            f"The adapter {args.adapter} classifies {num_labels} classes, but {data.name} has {len(data.label_names)}; "
+            f"The adapter {run.adapter} classifies {num_labels} classes, but {data.name} has {len(data.label_names)}; "
             f"evaluate it on the kind of data it was trained on."
         )
-    model = PeftModel.from_pretrained(load_backbone(model_path, data.label_names), args.adapter).eval()
+    model = PeftModel.from_pretrained(load_backbone(run.model_path, data.label_names), run.adapter).eval()
     if model.peft_config["default"].decoupled_attention:
         model.enable_prompt_cache()  # the input-independent prompts run once (docs/method.md §5)
     with tempfile.TemporaryDirectory() as scratch:
-        trainer = evaluation_trainer(model, args.batch_size, args.bf16, args.output_dir or scratch)
+        trainer = evaluation_trainer(model, run.batch_size, run.bf16, str(run.output_dir or scratch))
         processor = load_image_processor(
-            [args.adapter, resolve_model_path(model_path)], vision_config(backbone_config(model_path)).image_size
+            [run.adapter, resolve_model_path(run.model_path)], vision_config(backbone_config(run.model_path)).image_size
         )
-        top1, predicted, labels = predict(trainer, with_pixels(dataset, processor), args.split)
-    say(f"{args.adapter} on {data.name} {args.split} ({len(dataset)} images): top-1 accuracy {top1:.4f}")
-    if args.output_dir and distributed_state().is_main_process:
-        output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        metrics = {
-            "adapter": args.adapter,
-            "model": model_path,
-            "dataset": data.name,
-            "split": args.split,
-            "num_images": len(dataset),
-            "accuracy": top1,
-        }
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        plot_confusion_matrix(
-            labels, predicted, data.label_names, output_dir / "confusion_matrix.png", f"{data.name} {args.split}"
-        )
-    return 0
+        top1, predicted, labels = predict(trainer, with_pixels(dataset, processor), run.split)
+    return EvaluateOutcome(data, len(dataset), top1, predicted, labels)
+
+
+def report_evaluate(run: EvaluateRun, outcome: EvaluateOutcome) -> None:
+    """Print the accuracy; with ``--output-dir``, write metrics.json and the confusion matrix."""
+    data = outcome.data
+    say(f"{run.adapter} on {data.name} {run.split} ({outcome.num_images} images): top-1 accuracy {outcome.top1:.4f}")
+    if run.output_dir is None:
+        return
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = {
+        "adapter": run.adapter,
+        "model": run.model_path,
+        "dataset": data.name,
+        "split": run.split,
+        "num_images": outcome.num_images,
+        "accuracy": outcome.top1,
+    }
+    (run.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    plot_confusion_matrix(
+        outcome.labels,
+        outcome.predicted,
+        data.label_names,
+        run.output_dir / "confusion_matrix.png",
+        f"{data.name} {run.split}",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateRun:
+    """One ``ship-peft calibrate`` run, resolved from the flags."""
+
+    model_path: str
+    share_threshold: float
+    data: DataSpec
+    calibration_samples: int
+    batch_size: int
+    seed: int
+    show_progress: bool
+    output_dir: Path
+
+
+@dataclasses.dataclass
+class CalibrateOutcome:
+    data: ImageClassificationData
+    num_samples: int
+    affinity: Any
+    levels: list[int]
+    sweep: dict[float, list[int]]
 
 
 def command_calibrate(args: argparse.Namespace) -> int:
-    """``ship-peft calibrate``."""
-    model_path = args.model or BUNDLED_BACKBONE
-    share_threshold = _resolve(args, ["share_threshold"], OFFLINE_PRESET if args.model is None else {})[
-        "share_threshold"
-    ]
-    data = _load_data(args)
-    sample = calibration_sample(with_pixels(data.train, _processor(model_path)), args.calibration_samples, args.seed)
-    model = build_model("ship", model_path, data.label_names, {"share_threshold": share_threshold})
+    """``ship-peft calibrate``: parse -> one run spec -> calibrate -> report."""
+    run = calibrate_run(args)
+    report_calibrate(run, calibrate(run))
+    return 0
+
+
+def calibrate_run(args: argparse.Namespace) -> CalibrateRun:
+    """The run the flags ask for (no ``--model``: the bundled backbone with the offline default's threshold)."""
+    preset = OFFLINE_PRESET if args.model is None else {}
+    return CalibrateRun(
+        model_path=args.model or BUNDLED_BACKBONE,
+        share_threshold=_resolve(args, ["share_threshold"], preset)["share_threshold"],
+        data=DataSpec.from_args(args),
+        calibration_samples=args.calibration_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        show_progress=not args.no_progress,
+        output_dir=Path(args.output_dir),
+    )
+
+
+def calibrate(run: CalibrateRun) -> CalibrateOutcome:
+    """The layer affinity of the backbone's CLS features on a training sample, and the levels it gives."""
+    data = run.data.load()
+    processor = _processor(run.model_path)
+    sample = calibration_sample(with_pixels(data.train, processor), run.calibration_samples, run.seed)
+    model = build_model("ship", run.model_path, data.label_names, {"share_threshold": run.share_threshold})
     model.to(distributed_state().device)
-    num_samples = len(sample)
-    loader = calibration_loader(sample, args.batch_size)
-    features = collect_cls_features(model, loader, num_samples, args.batch_size, not args.no_progress)
+    loader = calibration_loader(sample, run.batch_size)
+    features = collect_cls_features(model, loader, len(sample), run.batch_size, run.show_progress)
     affinity = layer_affinity(features).float().cpu()
-    levels = semantic_levels(affinity, share_threshold)
-    sweep = {
-        threshold: semantic_levels(affinity, threshold) for threshold in sorted({*AFFINITY_SWEEP, share_threshold})
-    }
+    thresholds = sorted({*AFFINITY_SWEEP, run.share_threshold})
+    sweep = {threshold: semantic_levels(affinity, threshold) for threshold in thresholds}
+    return CalibrateOutcome(data, len(sample), affinity, semantic_levels(affinity, run.share_threshold), sweep)
+
+
+def report_calibrate(run: CalibrateRun, outcome: CalibrateOutcome) -> None:
+    """Print the levels (and those of other thresholds); write the heatmap and calibration.json."""
+    data, affinity, levels = outcome.data, outcome.affinity, outcome.levels
     adjacent = ", ".join(f"{affinity[i, i + 1]:.2f}" for i in range(affinity.shape[0] - 1))
-    say(f"Layer affinity of {model_path} on {num_samples} images of {data.name}; adjacent layers: {adjacent}")
-    say(f"share_threshold {share_threshold}: {len(levels)} levels starting at layers {levels}")
+    say(
+        f"Layer affinity of {run.model_path} on {outcome.num_samples} images of {data.name}; "
+        f"adjacent layers: {adjacent}"
+    )
+    say(f"share_threshold {run.share_threshold}: {len(levels)} levels starting at layers {levels}")
     say("other thresholds:")
-    for threshold, found in sweep.items():
+    for threshold, found in outcome.sweep.items():
         say(f"  {threshold:<5} {len(found):>2} levels {found}")
-    output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
     plot_layer_affinity(
         affinity,
         levels,
-        output_dir / "layer_affinity.png",
-        f"Layer affinity of {model_path} on {data.name} (share_threshold {share_threshold})",
+        run.output_dir / "layer_affinity.png",
+        f"Layer affinity of {run.model_path} on {data.name} (share_threshold {run.share_threshold})",
     )
     result = {
-        "model": model_path,
+        "model": run.model_path,
         "dataset": data.name,
-        "num_samples": num_samples,
-        "share_threshold": share_threshold,
+        "num_samples": outcome.num_samples,
+        "share_threshold": run.share_threshold,
         "prompt_layers": levels,
-        "levels_by_threshold": {str(threshold): found for threshold, found in sweep.items()},
+        "levels_by_threshold": {str(threshold): found for threshold, found in outcome.sweep.items()},
         "layer_affinity": affinity.tolist(),
     }
-    (output_dir / "calibration.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
-    say(f"Wrote layer_affinity.png and calibration.json to {output_dir}/")
-    return 0
+    (run.output_dir / "calibration.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    say(f"Wrote layer_affinity.png and calibration.json to {run.output_dir}/")
 
 
 def command_vtab1k(args: argparse.Namespace) -> int:
