@@ -5,6 +5,7 @@
 ``PeftConfig.from_pretrained`` handle SHIP adapters.
 """
 
+from . import presets
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 from .config import ShipConfig
 from .layer import ShipLayer, ShipPrompts
@@ -29,5 +30,6 @@ __all__ = [
     "initialize_ship_weights",
     "kmeans",
     "layer_affinity",
+    "presets",
     "semantic_levels",
 ]

@@ -85,3 +85,12 @@ def test_accuracy_benchmark_builds_its_methods_from_the_presets():
         values = {} if name.startswith("vpt") else dict(num_prompts=5, share_threshold=0.9, num_prototypes=8)
         expected = presets.adapter_config(name, 4, **({"num_prompts": 9} if name.startswith("vpt") else values))
         assert isinstance(config, ShipConfig) and config.to_dict() == expected.to_dict(), method
+
+
+def test_presets_are_reachable_from_the_package_as_the_readme_shows():
+    import subprocess
+    import sys
+
+    code = "import ship_peft; print(ship_peft.presets.adapter_config('vpt-deep', num_layers=3, num_prompts=5).prompt_layers)"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.stdout.strip() == "[0, 1, 2]", completed.stderr[-2000:]
