@@ -21,6 +21,9 @@ from .backbones import Backbone
 from .config import ShipConfig
 from .constants import SHIP_PREFIX
 
+#: PEFT's name for "no adapter" in ``adapter_names`` (mixed-adapter batches).
+BASE_ADAPTER = "__base__"
+
 #: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
 COSINE_EPS = 1e-8
 
@@ -210,7 +213,10 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self.in_features: Optional[int] = None
         self.out_features: Optional[int] = None
         self.use_prompt_cache = False
-        self._prompt_cache: Optional[tuple[tuple, StaticPath]] = None
+        #: the memoised shared path of each adapter (by its ``ShipPrompts``' id): its key and value
+        self._prompt_cache: dict[int, tuple[tuple, StaticPath]] = {}
+        #: one adapter name per sample during a mixed-adapter call (``"__base__"``: the plain backbone), else None
+        self.mixed_adapter_names: Optional[list[str]] = None
         self.matching_losses: Optional[list[torch.Tensor]] = None
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
@@ -260,15 +266,18 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._configs.pop(adapter_name, None)
         self.autocast_adapter_dtype.pop(adapter_name, None)
-        self._prompt_cache = None
+        self._prompt_cache = {}
 
     def _prompts_for_forward(self) -> ShipPrompts:
         if len(self.active_adapters) != 1:
             raise ValueError(
                 f"SHIP runs one adapter at a time, but {self.active_adapters} are active; call "
-                f"`model.set_adapter(name)` with one name."
+                f"`model.set_adapter(name)` with one name, or pass `adapter_names=[...]` (one per sample) in eval."
             )
-        name = self.active_adapters[0]
+        return self.prompts_of(self.active_adapters[0])
+
+    def prompts_of(self, name: str) -> ShipPrompts:
+        """Adapter ``name``'s tensors, or a clear error when it waits for calibration."""
         if name not in self.ship_prompts:
             raise RuntimeError(
                 f"SHIP adapter {name!r} has no semantic levels yet (`prompt_layers` is None). Call "
@@ -280,18 +289,42 @@ class ShipLayer(nn.Module, BaseTunerLayer):
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``hidden_states`` ``[B, N, D]``: the image tokens entering the first block; returns those after the last.
 
-        Further arguments are what the host passes to each block; SHIP takes no attention mask.
+        Further arguments are what the host passes to each block; SHIP takes no attention mask. During a
+        mixed-adapter call (``mixed_adapter_names``, set by :class:`~ship_peft.ShipModel`) every sample runs through
+        its own adapter.
         """
         if self.disable_adapters or not self.active_adapters:
             return self.backbone.run_blocks(self, hidden_states, *args, **kwargs)
         check_block_arguments(args, kwargs)
-        prompts = self._prompts_for_forward()
+        if self.mixed_adapter_names is not None:
+            return self._mixed_batch_forward(hidden_states, self.mixed_adapter_names, *args, **kwargs)
+        return self._adapter_forward(self._prompts_for_forward(), hidden_states)
+
+    def _adapter_forward(self, prompts: ShipPrompts, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The blocks with one adapter's prompts (the matching loss goes to ``matching_losses`` in training)."""
         want_matching = self.training and prompts.config.matching_loss_weight > 0
         static = self._static_path(prompts, hidden_states, want_matching) if self._shares_prompts(prompts) else None
         image_tokens, matching_loss = self._encode(hidden_states, prompts, static, want_matching)
         if matching_loss is not None and self.matching_losses is not None:
             self.matching_losses.append(matching_loss)
         return image_tokens
+
+    def _mixed_batch_forward(
+        self, hidden_states: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Every sample through its own adapter (``"__base__"``: the plain blocks), as PEFT's LoRA does with
+        ``adapter_names``: one sub-batch per adapter; with the prompt cache, each adapter's shared path is kept."""
+        output = torch.empty_like(hidden_states)
+        for name in dict.fromkeys(adapter_names):
+            rows = [row for row, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
+            index = torch.tensor(rows, device=hidden_states.device)
+            group = hidden_states.index_select(0, index)
+            if name == BASE_ADAPTER:
+                result = self.backbone.run_blocks(self, group, *args, **kwargs)
+            else:
+                result = self._adapter_forward(self.prompts_of(name), group)
+            output.index_copy_(0, index, result)
+        return output
 
     def _shares_prompts(self, prompts: ShipPrompts) -> bool:
         """Whether the semantic and shared prompts take the same path for every sample, so that it runs once.
@@ -325,10 +358,12 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             torch.is_autocast_enabled(image_tokens.device.type),
             tuple((tensor.data_ptr(), tensor._version) for tensor in tensors),
         )
-        if self._prompt_cache is None or self._prompt_cache[0] != key:
+        cached = self._prompt_cache.get(id(prompts))
+        if cached is None or cached[0] != key:
             with torch.no_grad():
-                self._prompt_cache = (key, self._run_static_prompts(prompts, image_tokens.dtype, False))
-        return self._prompt_cache[1]
+                static = self._run_static_prompts(prompts, image_tokens.dtype, False)
+            cached = self._prompt_cache[id(prompts)] = (key, static)
+        return cached[1]
 
     def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype, keep_last_inputs: bool) -> StaticPath:
         """Run the semantic and shared prompts through the blocks at batch size 1 (``docs/method.md`` §3: they bypass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
@@ -16,7 +16,7 @@ from transformers.modeling_outputs import ModelOutput
 
 from .backbones import FAMILIES, Backbone, family_of, find_hosts, supported_families
 from .config import ShipConfig, check_prompt_layers
-from .layer import ShipLayer, check_block_arguments
+from .layer import BASE_ADAPTER, ShipLayer, check_block_arguments
 from .constants import SHIP_PREFIX
 
 def find_blocks(model: nn.Module) -> str:
@@ -89,9 +89,9 @@ def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> N
     )
 
 
-def check_prototypes(layer: ShipLayer) -> None:
-    """Clear error when an active adapter has attribute prompts but no prototypes (calibration was skipped)."""
-    for name in layer.active_adapters:
+def check_prototypes(layer: ShipLayer, names: Iterable[str]) -> None:
+    """Clear error when adapter ``names`` have attribute prompts but no prototypes (calibration was skipped)."""
+    for name in names:
         prompts = layer.ship_prompts[name] if name in layer.ship_prompts else None
         if prompts is not None and prompts.prototypes is not None:
             assert_values(
@@ -122,7 +122,9 @@ def get_ship_layer(model: nn.Module) -> ShipLayer:
     for module in model.modules():
         if isinstance(module, ShipLayer):
             return module
-    raise TypeError(f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`.")
+    raise TypeError(
+        f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`."
+    )
 
 
 def check_adapter_complete(
@@ -269,7 +271,7 @@ class ShipModel(BaseTuner):
         """Run the shared prompt path afresh in every eval forward too (the default) and free the cache."""
         layer = get_ship_layer(self.model)
         layer.use_prompt_cache = False
-        layer._prompt_cache = None
+        layer._prompt_cache = {}
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
@@ -300,16 +302,14 @@ class ShipModel(BaseTuner):
         """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
         (``docs/method.md`` §4)."""
         check_block_arguments((), {"attention_mask": kwargs.get("attention_mask")})  # the host may drop it silently
-        if kwargs.get("adapter_names") is not None:
-            raise NotImplementedError(
-                "SHIP does not run mixed-adapter batches (`adapter_names=...`) yet: every sample would silently get "
-                "the active adapter. Call `model.set_adapter(name)` and run each adapter's samples in their own call."
-            )
         layer = get_ship_layer(self.model)
+        adapter_names = kwargs.get("adapter_names")
         host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
+        if adapter_names is not None:
+            self._check_mixed_batch(list(adapter_names), pixel_values, kwargs)
         if not layer.disable_adapters:
-            check_prototypes(layer)
+            check_prototypes(layer, layer.active_adapters if adapter_names is None else set(adapter_names))
             if torch.is_tensor(pixel_values):
                 check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
@@ -322,11 +322,58 @@ class ShipModel(BaseTuner):
         self.last_matching_loss = None
         self._call = dict(has_labels=kwargs.get("labels") is not None, share=share)
         layer.matching_losses = []
+        handles = [] if adapter_names is None else self._route_mixed_batch(layer, list(adapter_names))
         try:
             yield
         finally:
             self._call = None
             layer.matching_losses = None
+            layer.mixed_adapter_names = None
+            for handle in handles:
+                handle.remove()
+
+    def _check_mixed_batch(self, adapter_names: list[str], pixel_values: Any, kwargs: dict[str, Any]) -> None:
+        """Clear errors for a mixed-adapter call SHIP cannot run exactly."""
+        if self.model.training:
+            raise ValueError(
+                "Mixed-adapter batches (`adapter_names=...`) are for inference; call `model.eval()` first, and train "
+                "each adapter on its own batches (`model.set_adapter(name)`)."
+            )
+        if kwargs.get("output_hidden_states"):
+            raise NotImplementedError(
+                "`output_hidden_states` is not available for mixed-adapter batches; run each adapter in its own call."
+            )
+        if torch.is_tensor(pixel_values) and len(adapter_names) != pixel_values.shape[0]:
+            raise ValueError(
+                f"adapter_names names {len(adapter_names)} adapters for a batch of {pixel_values.shape[0]} images; "
+                f"give one name per image."
+            )
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {BASE_ADAPTER})
+        if unknown:
+            raise ValueError(
+                f"adapter_names has unknown adapters {unknown}; this model has {sorted(self.peft_config)} "
+                f"(and {BASE_ADAPTER!r} for the plain backbone)."
+            )
+        sizes = {name: head_size(self.model, name) for name in dict.fromkeys(adapter_names)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(
+                f"The adapters of this batch have classifiers of different sizes ({sizes}), so their logits cannot "
+                f"share one tensor; run adapters with different numbers of labels in separate calls."
+            )
+
+    def _route_mixed_batch(self, layer: ShipLayer, adapter_names: list[str]) -> list[torch.utils.hooks.RemovableHandle]:
+        """Send each sample through its own adapter: the tuner layer by name, and the trained classifiers
+        (``modules_to_save``) through PEFT's own mixed-batch forward, as LoRA's ``adapter_names``."""
+        layer.mixed_adapter_names = adapter_names
+
+        def pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return args, {**kwargs, "adapter_names": adapter_names}
+
+        return [
+            module.register_forward_pre_hook(pass_adapter_names, with_kwargs=True)
+            for module in self.model.modules()
+            if isinstance(module, AuxiliaryTrainingWrapper)
+        ]
 
     def _add_matching_loss(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         """Forward hook on the task model, registered once (``_prepare_model``): during a ``PeftModel`` call, add
@@ -343,6 +390,16 @@ class ShipModel(BaseTuner):
         values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
         values["loss"] = output.loss + weighted
         return with_ship_losses(type(output))(**values)
+
+
+def head_size(model: nn.Module, adapter_name: str) -> Optional[int]:
+    """The number of logits adapter ``adapter_name``'s classifier gives (``"__base__"``: the base model's head)."""
+    for module in model.modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            heads = module.modules_to_save
+            head = heads[adapter_name] if adapter_name in heads else module.original_module
+            return getattr(head, "out_features", None)
+    return None
 
 
 def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> None:

@@ -105,9 +105,9 @@ def test_unmerge_of_a_never_merged_model_warns_as_lora():
             method().unmerge_adapter()
 
 
-def test_mixed_adapter_batches_are_a_clear_error():
-    model = tiny_ship_model().eval()
-    with pytest.raises(NotImplementedError, match=r"mixed-adapter batches.*set_adapter"):
+def test_mixed_adapter_batches_in_training_are_a_clear_error():
+    model = tiny_ship_model().train()
+    with pytest.raises(ValueError, match=r"Mixed-adapter batches .* are for inference; call `model.eval\(\)`"):
         model(pixel_values=pixels(), adapter_names=["default"] * 4)
 
 
