@@ -369,3 +369,34 @@ def test_each_command_resolves_one_run_spec_before_any_work():
     )
     calibration = cli.calibrate_run(parser.parse_args(["calibrate"]))
     assert calibration.share_threshold == OFFLINE_PRESET["share_threshold"] and calibration.model_path == cli.BUNDLED_BACKBONE
+
+
+def test_transformers_pipeline_runs_the_saved_adapter_with_its_label_names(trained, tiny):
+    """`transformers.pipeline("image-classification")` takes the SHIP PeftModel as it is (SHIP cannot merge) and
+    answers with the label names saved with the adapter (config.json) and the saved image processor."""
+    from datasets import load_from_disk
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+    output, _ = trained
+    _, dataset = tiny
+    adapter = output / "adapter"
+    config = AutoConfig.from_pretrained(adapter)
+    base_path = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    base = AutoModelForImageClassification.from_pretrained(base_path, config=config, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    processor = AutoImageProcessor.from_pretrained(adapter)
+    classify = pipeline("image-classification", model=model, image_processor=processor)
+    test = load_from_disk(str(dataset))["test"]
+    image_column = next(name for name, feature in test.features.items() if type(feature).__name__ == "Image")
+    label_names = list(config.id2label.values())
+    label_column = next(name for name, feature in test.features.items() if type(feature).__name__ == "ClassLabel")
+    assert label_names == test.features[label_column].names  # the dataset's class names, not LABEL_0, ...
+    images = [test[index][image_column].convert("RGB") for index in range(3)]
+    answers = classify(images, top_k=len(label_names))
+    with torch.no_grad():
+        probabilities = model(**processor(images, return_tensors="pt")).logits.softmax(-1)
+    for answer, expected in zip(answers, probabilities):
+        assert {entry["label"] for entry in answer} == set(label_names)
+        scores = {entry["label"]: entry["score"] for entry in answer}
+        assert [scores[name] for name in label_names] == pytest.approx(expected.tolist(), abs=1e-5)

@@ -53,6 +53,7 @@ def saved_adapter(tmp_path):
     fill_prototypes(model, seed=4)
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
+    model.get_base_model().config.save_pretrained(adapter)  # the label names, as `ship-peft train` saves them
     shutil.copy(base / "preprocessor_config.json", adapter)
     write_model_card(adapter, card_for(model.peft_config["default"], str(base), repo_id=str(adapter)))
     return base, adapter, model.eval()
@@ -77,7 +78,8 @@ def test_card_says_what_the_adapter_is():
     )
     assert "Validation accuracy of this adapter: 0.7500." in text and "nothing was selected on the test split" in text
     assert "import ship_peft" in text and "PeftModel.from_pretrained(base, 'me/ship-flowers')" in text
-    assert "'google/vit-base-patch16-224-in21k', num_labels=3, ignore_mismatched_sizes=True" in text
+    assert "AutoConfig.from_pretrained('me/ship-flowers')" in text
+    assert "from_pretrained('google/vit-base-patch16-224-in21k', config=config, ignore_mismatched_sizes=True)" in text
     meta = metadata(text)
     assert meta["library_name"] == "peft" and meta["base_model"] == "google/vit-base-patch16-224-in21k"
     assert meta["datasets"] == ["someone/flowers"] and set(CARD_TAGS) <= set(meta["tags"])
@@ -92,7 +94,7 @@ def test_local_and_bundled_bases_and_bundled_data_are_not_hub_metadata(tmp_path)
     bundled = model_card(card_for(config, BUNDLED_BACKBONE, dataset="digits"))
     assert "base_model" not in metadata(bundled) and "datasets" not in metadata(bundled)
     assert "from ship_peft.assets import bundled_backbone_path" in bundled
-    assert "ViTForImageClassification.from_pretrained(\n    bundled_backbone_path(), num_labels=3" in bundled
+    assert "AutoModelForImageClassification.from_pretrained(bundled_backbone_path(), config=config" in bundled
 
 
 def test_the_cards_loading_code_runs_and_gives_the_trained_logits(saved_adapter):
@@ -102,6 +104,7 @@ def test_the_cards_loading_code_runs_and_gives_the_trained_logits(saved_adapter)
     namespace: dict = {}
     exec(code, namespace)
     assert isinstance(namespace["model"], PeftModel)
+    assert namespace["classify"].model is namespace["model"]  # the pipeline runs the unmerged SHIP model
     torch.testing.assert_close(namespace["model"](pixel_values=pixels()).logits, model(pixel_values=pixels()).logits)
     assert namespace["processor"].size == {"height": 16, "width": 16}
 

@@ -538,8 +538,10 @@ def _describe(data: ImageClassificationData) -> str:
 
 
 def _save_adapter(ship: TrainedMethod, processor: Any, card: AdapterCard, folder: Path) -> Path:
-    """The folder that ``--push-to-hub`` uploads: the adapter, the image processor and the model card."""
+    """The folder that ``--push-to-hub`` uploads: the adapter, the image processor, the model's ``config.json``
+    (its label names, ``id2label``, for ``transformers.pipeline`` and ``evaluate``) and the model card."""
     ship.model.save_pretrained(folder, save_embedding_layers=False)  # SHIP never changes embeddings; no Hub lookup
+    ship.model.get_base_model().config.save_pretrained(folder)
     processor.save_pretrained(folder)
     write_model_card(folder, card)
     return folder

@@ -76,13 +76,13 @@ def _loading_code(card: AdapterCard) -> str:
     return f"""```python
 import ship_peft  # registers SHIP with PEFT: import it before loading
 from peft import PeftModel
-from transformers import AutoImageProcessor, ViTForImageClassification
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
 {imports}
-base = ViTForImageClassification.from_pretrained(
-    {base}, num_labels={len(card.label_names)}, ignore_mismatched_sizes=True
-)
+config = AutoConfig.from_pretrained({adapter!r})  # the backbone's config with this adapter's label names
+base = AutoModelForImageClassification.from_pretrained({base}, config=config, ignore_mismatched_sizes=True)
 model = PeftModel.from_pretrained(base, {adapter!r}).eval()
 processor = AutoImageProcessor.from_pretrained({adapter!r})  # the preprocessing used in training
+classify = pipeline("image-classification", model=model, image_processor=processor)  # SHIP runs unmerged
 ```
 
 or, on a dataset: `ship-peft evaluate {adapter} --dataset DATASET`."""
