@@ -400,3 +400,68 @@ def test_transformers_pipeline_runs_the_saved_adapter_with_its_label_names(train
         assert {entry["label"] for entry in answer} == set(label_names)
         scores = {entry["label"]: entry["score"] for entry in answer}
         assert [scores[name] for name in label_names] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def _predict_images(folder):
+    """Two RGB images, a grayscale one, a corrupt file and a text file without an image suffix, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(5)
+    for index in range(2):
+        array = (torch.rand(20, 20, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        Image.fromarray(array, "RGB").save(folder / f"rgb{index}.png")
+    Image.fromarray((torch.rand(20, 20, generator=generator) * 255).to(torch.uint8).numpy(), "L").save(folder / "gray.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_predict_prints_top_k_writes_the_output_and_skips_bad_images(trained, tmp_path, capsys, suffix):
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification
+
+    output, _ = trained
+    adapter = output / "adapter"
+    images = _predict_images(tmp_path / "images")
+    result = tmp_path / f"predictions{suffix}"
+    argv = ["predict", str(adapter), str(images), "--top-k", "2", "--batch-size", "2", "--output", str(result)]
+    assert main(argv + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Classified 2 of 4 images; skipped 2:" in out  # notes.txt is no image file of the folder
+    assert "gray.png: a L image; the model takes RGB: convert it first" in out
+    assert "broken.png: unreadable (UnidentifiedImageError" in out
+    # the reference: the adapter's model on the two RGB images
+    config = AutoConfig.from_pretrained(adapter)
+    base_path = PeftConfig.from_pretrained(adapter).base_model_name_or_path
+    base = AutoModelForImageClassification.from_pretrained(base_path, config=config, ignore_mismatched_sizes=True)
+    model = PeftModel.from_pretrained(base, adapter).eval()
+    processor = AutoImageProcessor.from_pretrained(adapter)
+    rgb = [Image.open(images / f"rgb{index}.png").convert("RGB") for index in range(2)]
+    with torch.no_grad():
+        expected = model(**processor(rgb, return_tensors="pt")).logits.softmax(-1).topk(2)
+    if suffix == ".jsonl":
+        rows = [json.loads(line) for line in result.read_text().splitlines()]
+        labels = [[entry["label"] for entry in row["predictions"]] for row in rows]
+        probabilities = [[entry["probability"] for entry in row["predictions"]] for row in rows]
+    else:
+        import csv
+
+        rows = list(csv.DictReader(result.open()))
+        labels = [[row["label_1"], row["label_2"]] for row in rows]
+        probabilities = [[float(row["probability_1"]), float(row["probability_2"])] for row in rows]
+    assert [Path(row["path"]).name for row in rows] == ["rgb0.png", "rgb1.png"]
+    assert labels == [[config.id2label[i] for i in indices] for indices in expected.indices.tolist()]
+    assert probabilities == [pytest.approx(values, abs=1e-5) for values in expected.values.tolist()]
+    first = labels[0][0]
+    assert f"rgb0.png: {first} " in out
+
+
+def test_predict_takes_globs_and_rejects_what_names_nothing(trained, tmp_path, capsys):
+    output, _ = trained
+    images = _predict_images(tmp_path / "images")
+    assert main(["predict", str(output / "adapter"), str(images / "rgb*.png"), "--no-progress"]) == 0
+    assert "Classified 2 of 2 images." in capsys.readouterr().out
+    assert main(["predict", str(output / "adapter"), str(tmp_path / "nothing*.png")]) == 2
+    assert "names no image file" in capsys.readouterr().err
+    assert main(["predict", str(output / "adapter"), str(images), "--output", str(tmp_path / "out.xlsx")]) == 2
+    assert "give a .csv or a .jsonl file" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from .data import (
 )
 from .errors import InputError
 from .model_card import AdapterCard, push_adapter, write_model_card
+from .predict import PredictOutcome, check_output, image_paths, predict_images, write_predictions
 from .plots import plot_confusion_matrix, plot_layer_affinity, plot_training_curves
 from .training import (
     METHOD_TITLES,
@@ -46,6 +47,7 @@ from .training import (
     TrainedMethod,
     TrainSettings,
     adapter_base_model,
+    adapter_label_names,
     adapter_num_labels,
     backbone_config,
     build_model,
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ship-peft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_train, _add_evaluate, _add_calibrate, _add_vtab1k, _add_vtab1k_table):
+    for add_command in (_add_train, _add_evaluate, _add_predict, _add_calibrate, _add_vtab1k, _add_vtab1k_table):
         add_command(commands)
     return parser
 
@@ -270,6 +272,24 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.add_argument("--bf16", action="store_true", help="evaluate under bfloat16 autocast")
     evaluate.add_argument("--output-dir", help="write metrics.json and a confusion matrix here")
     evaluate.set_defaults(handler=command_evaluate)
+
+
+def _add_predict(commands: Any) -> None:
+    predict = commands.add_parser(
+        "predict",
+        help="top-k labels of a saved SHIP adapter (folder or Hub id) for image files, folders or globs",
+        description="Classify images with a SHIP adapter, in batches, and print each image's top-k labels with their "
+        "probabilities (the adapter's label names). Unreadable images and images of another mode than RGB are "
+        "skipped with a message; the run ends with a summary of them.",
+    )
+    predict.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
+    predict.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
+    predict.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
+    predict.add_argument("--top-k", type=int, default=5, help="labels shown per image (default: 5)")
+    predict.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
+    predict.add_argument("--output", help="also write the predictions to a .csv or .jsonl file")
+    predict.add_argument("--no-progress", action="store_true", help="no progress bar")
+    predict.set_defaults(handler=command_predict)
 
 
 def _add_calibrate(commands: Any) -> None:
@@ -676,6 +696,72 @@ def report_evaluate(run: EvaluateRun, outcome: EvaluateOutcome) -> None:
         run.output_dir / "confusion_matrix.png",
         f"{data.name} {run.split}",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictRun:
+    """One ``ship-peft predict`` run, resolved from the flags (the images listed before any model is loaded)."""
+
+    adapter: str
+    model_path: str
+    images: list[Path]
+    top_k: int
+    batch_size: int
+    output: Optional[Path]
+    show_progress: bool
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    """``ship-peft predict``: parse -> one run spec -> predict -> report."""
+    outcome = predict_run_images(run := predict_run(args))
+    if distributed_state().is_main_process:
+        report_predict(run, outcome)
+    return 0
+
+
+def predict_run(args: argparse.Namespace) -> PredictRun:
+    if args.top_k < 1 or args.batch_size < 1:
+        raise InputError(f"--top-k and --batch-size must be >= 1, got {args.top_k} and {args.batch_size}.")
+    check_output(args.output)
+    return PredictRun(
+        adapter=args.adapter,
+        model_path=args.model or adapter_base_model(args.adapter),
+        images=image_paths(args.images),
+        top_k=args.top_k,
+        batch_size=args.batch_size,
+        output=Path(args.output) if args.output else None,
+        show_progress=not args.no_progress,
+    )
+
+
+def predict_run_images(run: PredictRun) -> PredictOutcome:
+    """Load the adapter with its label names (its ``config.json``) and classify the images."""
+    label_names = adapter_label_names(run.adapter)
+    model = PeftModel.from_pretrained(load_backbone(run.model_path, label_names), run.adapter).eval()
+    model.to(distributed_state().device)
+    if model.peft_config["default"].decoupled_attention:
+        model.enable_prompt_cache()
+    processor = load_image_processor(
+        [run.adapter, resolve_model_path(run.model_path)], vision_config(backbone_config(run.model_path)).image_size
+    )
+    return predict_images(model, processor, label_names, run.images, run.top_k, run.batch_size, run.show_progress)
+
+
+def report_predict(run: PredictRun, outcome: PredictOutcome) -> None:
+    """Print every image's top-k and a summary of the skipped images; write ``--output``."""
+    for prediction in outcome.predictions:
+        best = ", ".join(f"{label} {p:.3f}" for label, p in zip(prediction.labels, prediction.probabilities))
+        say(f"{prediction.path}: {best}")
+    if run.output is not None:
+        write_predictions(outcome.predictions, run.output)
+        say(f"Wrote {len(outcome.predictions)} predictions to {run.output}")
+    summary = f"Classified {len(outcome.predictions)} of {len(run.images)} images"
+    if not outcome.skipped:
+        say(summary + ".")
+        return
+    say(f"{summary}; skipped {len(outcome.skipped)}:")
+    for skipped in outcome.skipped:
+        say(f"  {skipped.path}: {skipped.reason}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -375,6 +375,20 @@ def adapter_num_labels(adapter: str) -> int:
         return tensors.get_slice(keys[0]).get_shape()[0]
 
 
+def adapter_label_names(adapter: str) -> list[str]:
+    """The label names saved with an adapter (its ``config.json``'s ``id2label``, as ``ship-peft train`` writes it);
+    ``LABEL_0``, ``LABEL_1``, ... when it has none."""
+    num_labels = adapter_num_labels(adapter)
+    try:
+        id2label = transformers.AutoConfig.from_pretrained(adapter).id2label
+    except (OSError, ValueError):
+        id2label = {}
+    if len(id2label) != num_labels:
+        say(f"{adapter} has no label names for its {num_labels} classes (no config.json): using LABEL_0, ...")
+        return [f"LABEL_{index}" for index in range(num_labels)]
+    return [id2label[index] for index in range(num_labels)]
+
+
 def adapter_base_model(adapter: str) -> str:
     """The base model recorded in a saved adapter's configuration."""
     try:
