@@ -465,3 +465,16 @@ def test_predict_takes_globs_and_rejects_what_names_nothing(trained, tmp_path, c
     assert "names no image file" in capsys.readouterr().err
     assert main(["predict", str(output / "adapter"), str(images), "--output", str(tmp_path / "out.xlsx")]) == 2
     assert "give a .csv or a .jsonl file" in capsys.readouterr().err
+
+
+def test_predict_without_saved_label_names_says_so(trained, tmp_path, capsys):
+    import shutil
+
+    output, _ = trained
+    adapter = tmp_path / "adapter"
+    shutil.copytree(output / "adapter", adapter)
+    (adapter / "config.json").unlink()
+    images = _predict_images(tmp_path / "images")
+    assert main(["predict", str(adapter), str(images / "rgb0.png"), "--top-k", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "has no label names" in out and "rgb0.png: LABEL_" in out
