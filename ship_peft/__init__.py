@@ -5,7 +5,7 @@
 ``PeftConfig.from_pretrained`` handle SHIP adapters.
 """
 
-from . import presets
+from . import export, presets
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 from .config import ShipConfig
 from .layer import ShipLayer, ShipPrompts
@@ -30,6 +30,7 @@ __all__ = [
     "initialize_ship_weights",
     "kmeans",
     "layer_affinity",
+    "export",
     "presets",
     "semantic_levels",
 ]

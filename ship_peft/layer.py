@@ -215,6 +215,8 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         self.use_prompt_cache = False
         #: the memoised shared path of each adapter (by its ``ShipPrompts``' id): its key and value
         self._prompt_cache: dict[int, tuple[tuple, StaticPath]] = {}
+        #: shared paths fixed by :func:`ship_peft.export.exportable_model` (by ``ShipPrompts`` id), used in eval
+        self.frozen_static_paths: dict[int, StaticPath] = {}
         #: one adapter name per sample during a mixed-adapter call (``"__base__"``: the plain backbone), else None
         self.mixed_adapter_names: Optional[list[str]] = None
         self.matching_losses: Optional[list[torch.Tensor]] = None
@@ -348,6 +350,8 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         backbone tensor, the dtype, the device or autocast changes (the key reads host-side counters only:
         ``data_ptr`` and ``_version``, no device value). Under ``torch.compile`` it is part of the graph instead.
         """
+        if id(prompts) in self.frozen_static_paths and not self.training:
+            return self.frozen_static_paths[id(prompts)]  # fixed for an exported graph (ship_peft.export)
         if not self.use_prompt_cache or self.training or torch.compiler.is_compiling():
             return self._run_static_prompts(prompts, image_tokens.dtype, want_matching)
         tensors = [*prompts.parameters(), *self.base_layer.parameters()]
@@ -599,7 +603,9 @@ def check_block_arguments(args: tuple, kwargs: dict) -> None:
     masks = [arg for arg in args if arg is not None] + [
         kwargs[name] for name in ("attention_mask", "attn_mask") if kwargs.get(name) is not None
     ]
-    if masks or kwargs.get("is_causal"):
+    # Under torch.export, transformers' hosts build an all-visible mask where eager mode passes None; an exported
+    # SHIP model takes pixels only (ship_peft.export), so that mask is the host's own and masks nothing.
+    if (masks and not torch.compiler.is_exporting()) or kwargs.get("is_causal"):
         raise NotImplementedError(
             "SHIP attends over all image and prompt tokens and takes no attention mask; call the model without "
             "`attention_mask`."

@@ -478,3 +478,14 @@ def test_predict_without_saved_label_names_says_so(trained, tmp_path, capsys):
     assert main(["predict", str(adapter), str(images / "rgb0.png"), "--top-k", "1", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "has no label names" in out and "rgb0.png: LABEL_" in out
+
+
+@pytest.mark.parametrize("fmt, suffix", [("export", ".pt2"), ("onnx", ".onnx")])
+def test_export_writes_a_checked_deployable_model(trained, tmp_path, capsys, fmt, suffix):
+    output, _ = trained
+    path = tmp_path / f"model{suffix}"
+    assert main(["export", str(output / "adapter"), "--format", fmt, "--output", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert path.is_file() and f"Wrote {path}" in out
+    difference = float(out.split("max |difference| ")[1].split(".\n")[0].rstrip("."))
+    assert difference < 1e-4

@@ -22,9 +22,11 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import torch
 from peft import PeftModel
 
 from .. import __version__
+from ..export import export_onnx, export_program
 from ..assets import BUNDLED_BACKBONE, resolve_model_path
 from ..calibration import collect_cls_features, layer_affinity, semantic_levels
 from ..config import ShipConfig
@@ -227,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"ship-peft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add_command in (_add_train, _add_evaluate, _add_predict, _add_calibrate, _add_vtab1k, _add_vtab1k_table):
+    for add_command in (
+        _add_train, _add_evaluate, _add_predict, _add_export, _add_calibrate, _add_vtab1k, _add_vtab1k_table
+    ):  # fmt: skip
         add_command(commands)
     return parser
 
@@ -290,6 +294,21 @@ def _add_predict(commands: Any) -> None:
     predict.add_argument("--output", help="also write the predictions to a .csv or .jsonl file")
     predict.add_argument("--no-progress", action="store_true", help="no progress bar")
     predict.set_defaults(handler=command_predict)
+
+
+def _add_export(commands: Any) -> None:
+    export = commands.add_parser(
+        "export",
+        help="write a deployable eval model of a SHIP adapter: a torch.export program (.pt2) or an ONNX file",
+        description="Export the cached inference path of a SHIP adapter (the input-independent prompts computed once "
+        "and stored as constants) with a dynamic batch size, then check it against the PyTorch model on another "
+        "batch. The graph takes pixel_values (preprocess with the adapter's image processor) and returns logits.",
+    )
+    export.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
+    export.add_argument("--format", choices=["export", "onnx"], default="export", help="torch.export (.pt2) or ONNX")
+    export.add_argument("--output", help="file to write (default: outputs/export/model.pt2 or model.onnx)")
+    export.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
+    export.set_defaults(handler=command_export)
 
 
 def _add_calibrate(commands: Any) -> None:
@@ -762,6 +781,45 @@ def report_predict(run: PredictRun, outcome: PredictOutcome) -> None:
     say(f"{summary}; skipped {len(outcome.skipped)}:")
     for skipped in outcome.skipped:
         say(f"  {skipped.path}: {skipped.reason}")
+
+
+def command_export(args: argparse.Namespace) -> int:
+    """``ship-peft export``: parse -> one run spec -> export -> check and report."""
+    suffix = ".pt2" if args.format == "export" else ".onnx"
+    output = Path(args.output) if args.output else Path("outputs/export") / f"model{suffix}"
+    model_path = args.model or adapter_base_model(args.adapter)
+    label_names = adapter_label_names(args.adapter)
+    model = PeftModel.from_pretrained(load_backbone(model_path, label_names), args.adapter).eval()
+    channels, size = 3, vision_config(backbone_config(model_path)).image_size
+    example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    check = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))  # another batch size
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        expected = model(pixel_values=check).logits
+    if args.format == "export":
+        program = export_program(model, example)
+        torch.export.save(program, str(output))
+        with torch.no_grad():
+            exported = torch.export.load(str(output)).module()(check)
+    else:
+        export_onnx(model, example, output)
+        exported = _run_onnx(output, check)
+    error = "not checked (`pip install onnxruntime` to run the ONNX file)" if exported is None else (
+        f"max |difference| {(torch.as_tensor(exported) - expected).abs().max().item():.2e}"
+    )
+    say(f"Wrote {output}: logits of {args.adapter} for pixel_values [batch, {channels}, {size}, {size}], "
+        f"{len(label_names)} labels; checked on a batch of 3 against the PyTorch model: {error}.")
+    return 0
+
+
+def _run_onnx(path: Path, pixel_values: torch.Tensor) -> Optional[Any]:
+    """The ONNX file's logits for ``pixel_values`` (onnxruntime), or None without onnxruntime."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"pixel_values": pixel_values.numpy()})[0]
 
 
 @dataclasses.dataclass(frozen=True)
