@@ -468,6 +468,7 @@ class TrainRun:
     output_dir: Path
     push_to_hub: Optional[str]
     hub_private: bool
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def preset(self) -> dict[str, Any]:
@@ -485,13 +486,22 @@ class TrainOutcome:
     ship_predictions: list[Any]
 
 
-def command_train(args: argparse.Namespace) -> int:
-    """``ship-peft train``: parse -> one run spec -> train -> report."""
-    start = time.perf_counter()
-    outcome = train(run := train_run(args))
+def run_pipeline(
+    args: argparse.Namespace,
+    spec: Callable[[argparse.Namespace], Any],
+    execute: Callable[[Any], Any],
+    report: Callable[[Any, Any], None],
+) -> int:
+    """A command: parse (done) -> one run spec -> run it -> report (on the main process)."""
+    outcome = execute(run := spec(args))
     if distributed_state().is_main_process:
-        report_train(run, outcome, start)
+        report(run, outcome)
     return 0
+
+
+def command_train(args: argparse.Namespace) -> int:
+    """``ship-peft train``."""
+    return run_pipeline(args, train_run, train, report_train)
 
 
 def train_run(args: argparse.Namespace) -> TrainRun:
@@ -536,7 +546,7 @@ def train(run: TrainRun) -> TrainOutcome:
     return TrainOutcome(data, processor, runs, results, ship_predictions)
 
 
-def report_train(run: TrainRun, outcome: TrainOutcome, start: float) -> None:
+def report_train(run: TrainRun, outcome: TrainOutcome) -> None:
     """Save the adapter with its model card, the pictures and metrics.json; print the table; push if asked."""
     data, results, ship = outcome.data, outcome.results, outcome.runs["ship"]
     card = AdapterCard(
@@ -556,12 +566,12 @@ def report_train(run: TrainRun, outcome: TrainOutcome, start: float) -> None:
     output_dir = run.output_dir
     adapter_dir = _save_adapter(ship, outcome.processor, card, output_dir / "adapter")
     _save_pictures(outcome.runs, outcome.ship_predictions, data, card, output_dir)
-    _save_metrics(ship, results, data, card, output_dir / "metrics.json", time.perf_counter() - start)
+    _save_metrics(ship, results, data, card, output_dir / "metrics.json", time.perf_counter() - run.started)
     say(f"\nTop-1 on {data.name} test ({len(data.test)} images) at the end of training, same data and budget:\n")
     say(results_markdown(results))
     say(
         f"\nWrote the adapter with its model card to {adapter_dir}/, and metrics.json, training_curves.png, "
-        f"layer_affinity.png and confusion_matrix.png to {output_dir}/ ({time.perf_counter() - start:.0f} s)."
+        f"layer_affinity.png and confusion_matrix.png to {output_dir}/ ({time.perf_counter() - run.started:.0f} s)."
     )
     if run.push_to_hub:
         url = push_adapter(ship.model, run.push_to_hub, adapter_dir, private=run.hub_private or None)
@@ -650,11 +660,8 @@ class EvaluateOutcome:
 
 
 def command_evaluate(args: argparse.Namespace) -> int:
-    """``ship-peft evaluate``: parse -> one run spec -> evaluate -> report."""
-    outcome = evaluate(run := evaluate_run(args))
-    if distributed_state().is_main_process:
-        report_evaluate(run, outcome)
-    return 0
+    """``ship-peft evaluate``."""
+    return run_pipeline(args, evaluate_run, evaluate, report_evaluate)
 
 
 def evaluate_run(args: argparse.Namespace) -> EvaluateRun:
@@ -731,11 +738,8 @@ class PredictRun:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    """``ship-peft predict``: parse -> one run spec -> predict -> report."""
-    outcome = predict_run_images(run := predict_run(args))
-    if distributed_state().is_main_process:
-        report_predict(run, outcome)
-    return 0
+    """``ship-peft predict``."""
+    return run_pipeline(args, predict_run, predict_run_images, report_predict)
 
 
 def predict_run(args: argparse.Namespace) -> PredictRun:
@@ -846,10 +850,8 @@ class CalibrateOutcome:
 
 
 def command_calibrate(args: argparse.Namespace) -> int:
-    """``ship-peft calibrate``: parse -> one run spec -> calibrate -> report."""
-    run = calibrate_run(args)
-    report_calibrate(run, calibrate(run))
-    return 0
+    """``ship-peft calibrate``."""
+    return run_pipeline(args, calibrate_run, calibrate, report_calibrate)
 
 
 def calibrate_run(args: argparse.Namespace) -> CalibrateRun:
