@@ -25,10 +25,10 @@ setup(
     ],
     extras_require={
         # the command line (ship_peft/app): its pictures; the library (ship_peft) installs and imports without it
-        "cli": ["matplotlib>=3.7"],
+        "cli": ["matplotlib>=3.7", "pillow>=10"],
         # ONNX export (ship_peft/export.py) and running the file: onnxruntime
         "onnx": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
-        "test": ["matplotlib>=3.7", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
+        "test": ["matplotlib>=3.7", "pillow>=10", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "pytest>=8", "scikit-learn>=1.4", "scikit-image>=0.22", "hypothesis>=6", "tensorboard>=2.14"],
         "bench": ["scikit-learn>=1.4", "scikit-image>=0.22"],
         # timm VisionTransformer backbones (ship_peft/backbones/timm_vit.py). Not in the test extra yet: timm needs
         # torchvision, and the registries CI reaches serve only CUDA torchvision wheels, which do not import with

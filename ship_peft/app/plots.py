@@ -11,14 +11,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-try:
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-except ImportError as error:  # the library installs without it; the command line needs it
-    raise ImportError(
-        "The ship-peft command line draws its pictures with matplotlib, which is not installed; install the "
-        'command line with `pip install "ship-peft[cli]"`.'
-    ) from error
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 MAX_ANNOTATED_CELLS = 16  # write the numbers into heatmaps up to this many rows
 
