@@ -278,6 +278,12 @@ def _add_evaluate(commands: Any) -> None:
     evaluate.set_defaults(handler=command_evaluate)
 
 
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """The saved adapter (positional) and ``--model`` (default: the base model the adapter records)."""
+    parser.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
+    parser.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
+
+
 def _add_predict(commands: Any) -> None:
     predict = commands.add_parser(
         "predict",
@@ -286,9 +292,8 @@ def _add_predict(commands: Any) -> None:
         "probabilities (the adapter's label names). Unreadable images and images of another mode than RGB are "
         "skipped with a message; the run ends with a summary of them.",
     )
-    predict.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
+    add_adapter_arguments(predict)
     predict.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
-    predict.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
     predict.add_argument("--top-k", type=int, default=5, help="labels shown per image (default: 5)")
     predict.add_argument("--batch-size", type=int, default=32, help="images per forward (default: 32)")
     predict.add_argument("--output", help="also write the predictions to a .csv or .jsonl file")
@@ -304,10 +309,9 @@ def _add_export(commands: Any) -> None:
         "and stored as constants) with a dynamic batch size, then check it against the PyTorch model on another "
         "batch. The graph takes pixel_values (preprocess with the adapter's image processor) and returns logits.",
     )
-    export.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
+    add_adapter_arguments(export)
     export.add_argument("--format", choices=["export", "onnx"], default="export", help="torch.export (.pt2) or ONNX")
     export.add_argument("--output", help="file to write (default: outputs/export/model.pt2 or model.onnx)")
-    export.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
     export.set_defaults(handler=command_export)
 
 
@@ -426,8 +430,19 @@ class DataSpec:
         return data
 
 
-def _processor(model_path: str) -> Any:
-    return load_image_processor(resolve_model_path(model_path), vision_config(backbone_config(model_path)).image_size)
+def _processor(model_path: str, adapter: Optional[str] = None) -> Any:
+    """The image processor saved with ``adapter`` (if given), else the backbone's, else the recipe's default."""
+    sources = [adapter] if adapter else []
+    image_size = vision_config(backbone_config(model_path)).image_size
+    return load_image_processor([*sources, resolve_model_path(model_path)], image_size)
+
+
+def _inference_model(adapter: str, model_path: str, label_names: list[str]) -> PeftModel:
+    """A saved adapter on its backbone, in eval mode, with the prompt cache where it applies (docs/method.md §5)."""
+    model = PeftModel.from_pretrained(load_backbone(model_path, label_names), adapter).eval()
+    if model.peft_config["default"].decoupled_attention:
+        model.enable_prompt_cache()
+    return model
 
 
 def _method_row(trained: TrainedMethod, test_accuracy: float) -> dict[str, Any]:
@@ -687,14 +702,10 @@ def evaluate(run: EvaluateRun) -> EvaluateOutcome:
             f"The adapter {run.adapter} classifies {num_labels} classes, but {data.name} has {len(data.label_names)}; "
             f"evaluate it on the kind of data it was trained on."
         )
-    model = PeftModel.from_pretrained(load_backbone(run.model_path, data.label_names), run.adapter).eval()
-    if model.peft_config["default"].decoupled_attention:
-        model.enable_prompt_cache()  # the input-independent prompts run once (docs/method.md §5)
+    model = _inference_model(run.adapter, run.model_path, data.label_names)
     with tempfile.TemporaryDirectory() as scratch:
         trainer = evaluation_trainer(model, run.batch_size, run.bf16, str(run.output_dir or scratch))
-        processor = load_image_processor(
-            [run.adapter, resolve_model_path(run.model_path)], vision_config(backbone_config(run.model_path)).image_size
-        )
+        processor = _processor(run.model_path, run.adapter)
         top1, predicted, labels = predict(trainer, with_pixels(dataset, processor), run.split)
     return EvaluateOutcome(data, len(dataset), top1, predicted, labels)
 
@@ -760,13 +771,8 @@ def predict_run(args: argparse.Namespace) -> PredictRun:
 def predict_run_images(run: PredictRun) -> PredictOutcome:
     """Load the adapter with its label names (its ``config.json``) and classify the images."""
     label_names = adapter_label_names(run.adapter)
-    model = PeftModel.from_pretrained(load_backbone(run.model_path, label_names), run.adapter).eval()
-    model.to(distributed_state().device)
-    if model.peft_config["default"].decoupled_attention:
-        model.enable_prompt_cache()
-    processor = load_image_processor(
-        [run.adapter, resolve_model_path(run.model_path)], vision_config(backbone_config(run.model_path)).image_size
-    )
+    model = _inference_model(run.adapter, run.model_path, label_names).to(distributed_state().device)
+    processor = _processor(run.model_path, run.adapter)
     return predict_images(model, processor, label_names, run.images, run.top_k, run.batch_size, run.show_progress)
 
 
@@ -788,13 +794,14 @@ def report_predict(run: PredictRun, outcome: PredictOutcome) -> None:
 
 
 def command_export(args: argparse.Namespace) -> int:
-    """``ship-peft export``: parse -> one run spec -> export -> check and report."""
+    """``ship-peft export``: export the adapter, then check the written file against the PyTorch model."""
     suffix = ".pt2" if args.format == "export" else ".onnx"
     output = Path(args.output) if args.output else Path("outputs/export") / f"model{suffix}"
     model_path = args.model or adapter_base_model(args.adapter)
     label_names = adapter_label_names(args.adapter)
-    model = PeftModel.from_pretrained(load_backbone(model_path, label_names), args.adapter).eval()
-    channels, size = 3, vision_config(backbone_config(model_path)).image_size
+    model = _inference_model(args.adapter, model_path, label_names)
+    vision = vision_config(backbone_config(model_path))
+    channels, size = vision.num_channels, vision.image_size
     example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     check = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))  # another batch size
     output.parent.mkdir(parents=True, exist_ok=True)
