@@ -417,7 +417,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
                 block,
                 num_image_tokens=num_image_tokens,
                 prompts=prompts,
-                prompt_attention=index == last and (want_matching or not prompts.config.decoupled_attention),
+                prompt_attention=index == last and want_matching,  # prompt outputs feed only the matching loss
                 need_scores=(index + 1) in prompts.attribute_layers or (index == last and want_matching),
                 keep=keep,
                 drop_rate=self._drop_rate(prompts, index),
