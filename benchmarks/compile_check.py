@@ -33,7 +33,7 @@ def build(method: str) -> torch.nn.Module:
     if method == "lora":
         return get_peft_model(vit, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]))
     model = get_peft_model(vit, ship_peft.ShipConfig(num_prompts=8, prompt_layers=[0, 2, 3], num_prototypes=16))
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     layer.ship_prompts["default"].prototypes.normal_()  # stands in for calibration
     return model
 
@@ -71,7 +71,7 @@ def report(method: str, backend: str) -> bool:
         for reason in breaks:
             print(f"    - {reason}")
         if method == "ship":
-            layer = ship_peft.get_ship_layer(model)
+            layer = ship_peft.get_prompt_bank(model)
             hidden = model.base_model.model.vit.embeddings(pixels)
             torch._dynamo.reset()
             inner = graph_breaks(layer, hidden)

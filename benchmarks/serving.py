@@ -42,7 +42,7 @@ def build(model_size: str, device: str) -> torch.nn.Module:
         model = get_peft_model(vit, config, adapter_name=name) if model is None else model
         if name not in model.peft_config:
             model.add_adapter(name, config)
-        prompts = ship_peft.get_ship_layer(model).ship_prompts[name]
+        prompts = ship_peft.get_prompt_bank(model).ship_prompts[name]
         prompts.prototypes.normal_()  # stands in for calibration
         model.set_adapter(name)
         model.enable_prompt_cache()

@@ -112,7 +112,7 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
         )
         model = get_peft_model(vit, config)
         generator = torch.Generator().manual_seed(settings.seed)
-        for prompts in ship_peft.get_ship_layer(model).ship_prompts.values():
+        for prompts in ship_peft.get_prompt_bank(model).ship_prompts.values():
             if prompts.prototypes is not None:  # stands in for calibration (random prototypes: speed only)
                 prompts.prototypes.copy_(torch.randn(prompts.prototypes.shape, generator=generator))
         if method == "ship_cache":

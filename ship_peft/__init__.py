@@ -8,8 +8,9 @@
 from . import export, presets
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 from .config import ShipConfig
-from .layer import ShipLayer, ShipPrompts
-from .model import ShipModel, get_ship_layer
+from .call import record_matching_loss
+from .layer import ShipBlock, ShipPromptBank, ShipPrompts
+from .model import ShipModel, get_prompt_bank
 from .constants import ShipPeftType
 from .registration import register
 from .safe_io import CorruptAdapterFileError
@@ -22,15 +23,17 @@ __all__ = [
     "CalibrationResult",
     "CorruptAdapterFileError",
     "ShipConfig",
-    "ShipLayer",
+    "ShipBlock",
     "ShipModel",
     "ShipPeftType",
+    "ShipPromptBank",
     "ShipPrompts",
-    "get_ship_layer",
+    "get_prompt_bank",
     "initialize_ship_weights",
     "kmeans",
     "layer_affinity",
     "export",
     "presets",
+    "record_matching_loss",
     "semantic_levels",
 ]

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import ShipConfig
-from .model import get_ship_layer
+from .layer import adapters_disabled
+from .model import get_prompt_bank
 
 
 @dataclass
@@ -189,38 +190,37 @@ def collect_cls_features(
     ``torch.distributed`` each process reads its own share of the data and the features of all processes are
     gathered, in rank order.
     """
-    layer = get_ship_layer(model)
-    device = next(layer.base_layer.parameters()).device
-    was_training, was_disabled = model.training, layer.disable_adapters
+    bank = get_prompt_bank(model)
+    device = next(bank.base_blocks()[0].parameters()).device
+    was_training = model.training
     per_block: list[torch.Tensor] = []
     handles = [
         block.register_forward_hook(lambda module, inputs, output: per_block.append(_tensor(output)[:, 0]))
-        for block in layer.blocks
+        for block in bank.block_sequence[0]
     ]
     model.eval()
-    layer._disable_adapters = True
     features: list[torch.Tensor] = []
     count = 0
     total = min(max_samples, _num_images(data) or max_samples)
     progress = tqdm(total=total, desc="SHIP calibration", unit="img", disable=not show_progress)
     try:
-        for pixel_values in _pixel_batches(data, batch_size):
-            pixel_values = pixel_values[: max_samples - count].to(device)
-            per_block.clear()
-            model(pixel_values)
-            features.append(torch.stack(per_block, dim=1).float())
-            count += pixel_values.shape[0]
-            progress.update(pixel_values.shape[0])
-            if count >= max_samples:
-                break
+        with adapters_disabled(model):
+            for pixel_values in _pixel_batches(data, batch_size):
+                pixel_values = pixel_values[: max_samples - count].to(device)
+                per_block.clear()
+                model(pixel_values)
+                features.append(torch.stack(per_block, dim=1).float())
+                count += pixel_values.shape[0]
+                progress.update(pixel_values.shape[0])
+                if count >= max_samples:
+                    break
     finally:
         progress.close()
         for handle in handles:
             handle.remove()
-        layer._disable_adapters = was_disabled
         model.train(was_training)
     local = torch.cat(features) if features else None
-    gathered = _gather_across_processes(local, layer.num_layers, layer.hidden_size, device)
+    gathered = _gather_across_processes(local, bank.num_layers, bank.hidden_size, device)
     if gathered is None or gathered.shape[0] == 0:
         raise ValueError("Calibration got no images: the data loader or dataset is empty.")
     return gathered[:max_samples]
@@ -277,10 +277,10 @@ def initialize_ship_weights(
         seed: seed of the k-means++ initialisation.
         show_progress: show a progress bar.
     """
-    layer = get_ship_layer(model)
-    if adapter_name not in layer._configs:
-        raise ValueError(f"No SHIP adapter named {adapter_name!r}; adapters: {sorted(layer._configs)}.")
-    config: ShipConfig = layer._configs[adapter_name]
+    bank = get_prompt_bank(model)
+    if adapter_name not in bank.ship_config:
+        raise ValueError(f"No SHIP adapter named {adapter_name!r}; adapters: {sorted(bank.ship_config)}.")
+    config: ShipConfig = bank.ship_config[adapter_name]
     features = collect_cls_features(model, data, max_samples, batch_size, show_progress)
     affinity = layer_affinity(features)
     prompt_layers = config.prompt_layers or semantic_levels(affinity, config.share_threshold)
@@ -288,10 +288,10 @@ def initialize_ship_weights(
     prototypes, inertia = None, None
     if config.attribute_layers():
         prototypes, inertia = kmeans(features[:, -1], config.num_prototypes, seed=seed)
-    layer.update_layer(adapter_name, config)
-    ship_prompts = layer.ship_prompts[adapter_name]
+    bank.update_layer(adapter_name, config)
+    ship_prompts = bank.ship_prompts[adapter_name]
     if prototypes is not None:
         ship_prompts.prototypes.copy_(prototypes.to(ship_prompts.prototypes.dtype))
-    if adapter_name not in layer.active_adapters:
+    if adapter_name not in bank.active_adapters:
         ship_prompts.requires_grad_(False)
     return CalibrationResult(affinity.float().cpu(), list(prompt_layers), prototypes, inertia, features.shape[0])

@@ -21,7 +21,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from .model import get_ship_layer
+from .model import get_prompt_bank
 
 
 class LogitsOnly(nn.Module):
@@ -37,24 +37,29 @@ class LogitsOnly(nn.Module):
 
 
 @contextmanager
-def frozen_for_export(peft_model: nn.Module) -> Iterator[nn.Module]:
-    """The active adapter's eval model with its shared prompt path computed once and fixed (``LogitsOnly`` of the
-    task model); the model is left as it was afterwards."""
-    layer = get_ship_layer(peft_model)
-    if len(layer.active_adapters) != 1:
-        raise ValueError(f"Export one adapter at a time; active: {layer.active_adapters} (`model.set_adapter(name)`).")
-    prompts = layer.prompts_of(layer.active_adapters[0])
-    was_training = peft_model.training
+def frozen_for_export(peft_model: nn.Module, example_pixels: torch.Tensor) -> Iterator[nn.Module]:
+    """The active adapter's eval model with its shared prompt path computed once, on ``example_pixels``, and fixed
+    (``LogitsOnly`` of the task model); the model is left as it was afterwards."""
+    bank = get_prompt_bank(peft_model)
+    if len(bank.active_adapters) != 1:
+        raise ValueError(f"Export one adapter at a time; active: {bank.active_adapters} (`model.set_adapter(name)`).")
+    name = bank.active_adapters[0]
+    bank.prompts_of(name)  # a clear error for an adapter that waits for calibration
+    model = LogitsOnly(peft_model.get_base_model())
+    was_training, was_enabled = peft_model.training, bank.prompt_cache.enabled
     peft_model.eval()
-    dtype = next(layer.base_layer.parameters()).dtype
-    with torch.no_grad():
-        static = layer._run_static_prompts(prompts, dtype, False) if layer._shares_prompts(prompts) else None
-    if static is not None:
-        layer.frozen_static_paths[id(prompts)] = static
+    bank.prompt_cache.enabled = True
     try:
-        yield LogitsOnly(peft_model.get_base_model()).eval()
+        with torch.no_grad():
+            model(example_pixels)  # memoises the shared path (a model without one exports its per-sample path)
+        if bank.prompt_cache.has_memo(name):
+            bank.prompt_cache.fix(name, bank.prompt_cache.lookup_memo(name))
+        yield model.eval()
     finally:
-        layer.frozen_static_paths.pop(id(prompts), None)
+        bank.prompt_cache.unfix(name)
+        bank.prompt_cache.enabled = was_enabled
+        if not was_enabled:
+            bank.prompt_cache.refresh()
         peft_model.train(was_training)
 
 
@@ -65,7 +70,7 @@ def _dynamic_batch() -> dict[str, dict[int, torch.export.Dim]]:
 def export_program(peft_model: nn.Module, example_pixels: torch.Tensor) -> torch.export.ExportedProgram:
     """A ``torch.export`` program of the active adapter's cached eval path, with a dynamic batch size; save it with
     ``torch.export.save(program, "model.pt2")`` and run ``torch.export.load(...).module()(pixel_values)``."""
-    with frozen_for_export(peft_model) as model, torch.no_grad():
+    with frozen_for_export(peft_model, example_pixels) as model, torch.no_grad():
         return torch.export.export(model, (example_pixels,), dynamic_shapes=_dynamic_batch(), strict=False)
 
 
@@ -77,7 +82,7 @@ def export_onnx(peft_model: nn.Module, example_pixels: torch.Tensor, path: str |
         raise ImportError(
             'ONNX export needs onnx and onnxscript (torch.onnx\'s exporter): `pip install "ship-peft[onnx]"`.'
         )
-    with frozen_for_export(peft_model) as model, torch.no_grad():
+    with frozen_for_export(peft_model, example_pixels) as model, torch.no_grad():
         program = torch.onnx.export(
             model,
             (example_pixels,),

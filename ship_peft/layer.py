@@ -1,51 +1,46 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""SHIP's forward pass (``docs/method.md`` §2-§4) on any supported backbone family.
+"""SHIP's PEFT tuner layers (``docs/method.md`` §2-§5) on any supported backbone family.
 
-:class:`ShipPrompts` holds one adapter's tensors; :class:`ShipLayer` is the PEFT tuner layer that wraps a backbone's
-block sequence and runs its blocks with prompt tokens appended after the image tokens, through the family's seam
-(:mod:`ship_peft.backbones`). The pre-trained weights are used as they are and never modified.
+* :class:`ShipPrompts` holds one adapter's tensors.
+* :class:`ShipPromptBank` keeps every adapter's :class:`ShipPrompts`, next to the host's block sequence (on the
+  module that holds it), with the eval memo of the shared prompt path.
+* :class:`ShipBlock` wraps one block of the host's sequence, the way LoRA wraps a ``Linear``: the host's own loop
+  calls it with the image tokens and gets the block's image tokens back; inside, the block runs with SHIP's prompts
+  appended (:mod:`ship_peft.functional`). What flows from one block to the next belongs to the call
+  (:mod:`ship_peft.call`), never to a module.
+
+The pre-trained weights are used as they are and never modified.
 """
 
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .backbones import Backbone
+from .call import (
+    BlockPass,
+    GroupState,
+    close_pass,
+    current_call,
+    open_pass,
+    remember_inputs,
+    remembered_inputs,
+    running_pass,
+)
+from .compat import run_forward_hooks
 from .config import ShipConfig
-from .constants import SHIP_PREFIX
+from .functional import block_forward, cosine, gather_top_tokens, leading, prompt_matching_loss, residual_update
+from .prompt_cache import PromptCache
 
 #: PEFT's name for "no adapter" in ``adapter_names`` (mixed-adapter batches).
 BASE_ADAPTER = "__base__"
-
-#: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
-COSINE_EPS = 1e-8
-
-
-def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every row of ``a [B, n, D]`` with every row of ``b [.., m, D]`` -> ``[B, n, m]``.
-
-    Zero vectors give 0, never NaN.
-    """
-    eps = max(COSINE_EPS, torch.finfo(a.dtype).tiny)  # 1e-8 is 0 in float16
-    return F.normalize(a, dim=-1, eps=eps) @ F.normalize(b, dim=-1, eps=eps).transpose(-1, -2)
-
-
-def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The ``k`` rows of ``tokens [B, N, D]`` with the highest ``scores [B, N]``, best first -> ``[B, k, D]``."""
-    index = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def prompt_matching_loss(prompt_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-    """docs/method.md §4: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
-    return (1.0 - _cosine(prompt_tokens, image_tokens)).amin(dim=-1).mean()
 
 
 class ShipPrompts(nn.Module):
@@ -109,7 +104,7 @@ class ShipPrompts(nn.Module):
                 f"`ShipConfig.num_attribute_prompts`."
             )
         prototypes = self.prototypes.to(top_tokens.dtype)
-        pattern = _cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes
+        pattern = cosine(top_tokens, prototypes).softmax(dim=-1) @ prototypes
         attribute = self.attribute_prompts[self.attribute_layers.index(layer_index)].to(top_tokens.dtype)
         return self.config.attribute_mix * pattern + (1.0 - self.config.attribute_mix) * attribute
 
@@ -140,110 +135,68 @@ class ShipPrompts(nn.Module):
         return self.level_of(layer_index) is None
 
 
-def leading(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
-    """The first ``length`` entries of ``tensor`` along ``dim``; the tensor itself when that is all of it, so that
-    autograd records no slice (whose backward writes the gradient into a zero-filled copy)."""
-    return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
+class ShipTunerLayer(BaseTunerLayer):
+    """What SHIP's two tuner layers share with every PEFT tuner layer. SHIP's prompts are extra tokens, not weight
+    deltas: they are never merged into the backbone, and the layers have no ``in_features`` / ``out_features``."""
+
+    in_features: Optional[int] = None
+    out_features: Optional[int] = None
+
+    def merge(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "SHIP's prompts are extra tokens, not weight deltas: they cannot be merged into the backbone. Keep the "
+            "adapter loaded (PeftModel) for inference."
+        )
+
+    def unmerge(self) -> None:
+        """Nothing to do: SHIP adapters are never merged (PEFT's layers warn likewise when not merged)."""
+        warnings.warn("Already unmerged. Nothing to do.")
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """PEFT's hook after loading (``low_cpu_mem_usage``): a SHIP block has no tensors of its own."""
 
 
-def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
-    """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
-    scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
-    if rate == 0.0:
-        return branch
-    keep = 1.0 - rate
-    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
-    return branch * mask.div_(keep)
+class ShipPromptBank(nn.Module, ShipTunerLayer):
+    """Every SHIP adapter's tensors for one block sequence, registered as ``ship`` on the module that holds the
+    sequence (``vit.ship``, timm's ``model.ship``), outside the blocks: the blocks read them during the forward.
 
-
-def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Pre-softmax attention scores of the CLS query over ``key``, averaged over heads: ``[B, H, N, d]`` -> ``[B, N]``.
-
-    Only the CLS row is computed (``[B, H, 1, N]``), never the ``N x N`` matrix.
-    """
-    return (query[:, :, :1] @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
-
-
-def replay_forward_hooks(block: nn.Module, image_input: torch.Tensor, image_output: torch.Tensor) -> None:
-    """Show ``block``'s forward hooks the image tokens SHIP ran through it, as if the block itself had run.
-
-    transformers records ``output_hidden_states`` with such hooks, so its layout (image tokens only) is kept; users'
-    feature hooks on a block see the same.
-    """
-    for hook_id, hook in list(block._forward_hooks.items()):
-        if hook_id in block._forward_hooks_with_kwargs:
-            hook(block, (image_input,), {}, image_output)
-        else:
-            hook(block, (image_input,), image_output)
-
-
-class StaticPath(NamedTuple):
-    """The semantic and shared prompts' path through the blocks, run once for the whole batch.
-
-    ``keys_values[i]``: their keys and values in layer ``i``, ``[1, H, K+S, d]`` each; ``last_inputs``: the tokens
-    entering the last layer ``[1, K+S, D]``, when its prompt outputs are needed (the matching loss), else None.
+    Per adapter, declared to PEFT as LoRA declares its own: ``ship_prompts`` (the :class:`ShipPrompts`; absent until
+    calibration when ``prompt_layers`` is None), ``ship_config`` (the ``peft_config`` entry) and
+    ``autocast_adapter_dtype``. It also keeps the eval memo of the shared prompt path (``prompt_cache``).
     """
 
-    keys_values: list[tuple[torch.Tensor, torch.Tensor]]
-    last_inputs: Optional[torch.Tensor]
+    adapter_layer_names = ("ship_prompts",)
+    other_param_names = ("ship_config", "autocast_adapter_dtype")
 
-
-class ShipLayer(nn.Module, BaseTunerLayer):
-    """PEFT tuner layer that runs a backbone's block sequence with SHIP prompts.
-
-    It replaces the block sequence in its host (``vit.layers``, ``dinov2.encoder.layer``, timm's ``blocks``, ...).
-    The host iterates over it as over its blocks and finds one block: this layer, which takes the image tokens the
-    host's embeddings made and returns the image tokens after the last block, so the host's final norm, pooler and
-    head run as usual. With adapters disabled (``PeftModel.disable_adapter()``) it runs the plain blocks.
-
-    During a ``PeftModel`` call, :class:`~ship_peft.ShipModel` collects the matching loss in ``matching_losses``.
-    """
-
-    adapter_layer_names = (SHIP_PREFIX,)
-
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: ShipConfig, backbone: Backbone):
+    def __init__(self, blocks: nn.ModuleList, backbone: Backbone, adapter_name: str, config: ShipConfig):
         super().__init__()
-        self.base_layer = base_layer
         self.backbone = backbone
+        #: the host's block sequence (a reference, not a child: the host owns it)
+        self.block_sequence: tuple[nn.ModuleList] = (blocks,)
         self.ship_prompts = nn.ModuleDict({})
-        self._configs: dict[str, ShipConfig] = {}
+        self.ship_config: dict[str, ShipConfig] = {}
         #: per adapter, PEFT's ``autocast_adapter_dtype`` (True: float16/bfloat16 blocks get float32 prompts)
         self.autocast_adapter_dtype: dict[str, bool] = {}
-        # every PEFT tuner layer has these; SHIP wraps a block sequence, which has neither
-        self.in_features: Optional[int] = None
-        self.out_features: Optional[int] = None
-        self.use_prompt_cache = False
-        #: the memoised shared path of each adapter (by its ``ShipPrompts``' id): its key and value
-        self._prompt_cache: dict[int, tuple[tuple, StaticPath]] = {}
-        #: shared paths fixed by :func:`ship_peft.export.exportable_model` (by ``ShipPrompts`` id), used in eval
-        self.frozen_static_paths: dict[int, StaticPath] = {}
-        #: one adapter name per sample during a mixed-adapter call (``"__base__"``: the plain backbone), else None
-        self.mixed_adapter_names: Optional[list[str]] = None
-        self.matching_losses: Optional[list[torch.Tensor]] = None
+        self.prompt_cache = PromptCache()
         self._active_adapter = adapter_name
         self.merged_adapters: list[str] = []
         self.update_layer(adapter_name, config)
 
-    def __iter__(self) -> Iterator[nn.Module]:
-        """The host loops over its block sequence: SHIP runs all blocks as one."""
-        return iter((self,))
-
-    @property
-    def blocks(self) -> list[nn.Module]:
-        """The backbone's blocks, in order."""
-        return list(self.base_layer)
-
     @property
     def num_layers(self) -> int:
-        return len(self.base_layer)
+        return len(self.block_sequence[0])
+
+    def base_blocks(self) -> list[nn.Module]:
+        """The host's own blocks, in order."""
+        return [getattr(block, "base_layer", block) for block in self.block_sequence[0]]
 
     @property
     def hidden_size(self) -> int:
-        return self.backbone.hidden_size(self.blocks[0])
+        return self.backbone.hidden_size(self.base_blocks()[0])
 
     def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
         """(Re)build adapter ``adapter_name`` for ``config``; without ``prompt_layers`` it waits for calibration."""
-        self._configs[adapter_name] = config
+        self.ship_config[adapter_name] = config
         if config.prompt_layers is None:
             return
         self.ship_prompts[adapter_name] = ShipPrompts(config, self.hidden_size)
@@ -257,26 +210,19 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         prompts = self.ship_prompts[adapter_name]
         if any(tensor.is_meta for tensor in prompts.parameters()):
             return
-        reference = next(self.base_layer.parameters())
+        reference = next(self.base_blocks()[0].parameters())
         dtype = reference.dtype if reference.dtype.is_floating_point else torch.float32
         if dtype in (torch.float16, torch.bfloat16) and self.autocast_adapter_dtype.get(adapter_name, True):
             dtype = torch.float32
         prompts.to(device=reference.device, dtype=dtype)
 
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove adapter ``adapter_name`` and everything the layer keeps for it."""
-        super().delete_adapter(adapter_name)
-        self._configs.pop(adapter_name, None)
-        self.autocast_adapter_dtype.pop(adapter_name, None)
-        self._prompt_cache = {}
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        if adapter_name in self.ship_prompts:
+            self.place_adapter(adapter_name)
 
-    def _prompts_for_forward(self) -> ShipPrompts:
-        if len(self.active_adapters) != 1:
-            raise ValueError(
-                f"SHIP runs one adapter at a time, but {self.active_adapters} are active; call "
-                f"`model.set_adapter(name)` with one name, or pass `adapter_names=[...]` (one per sample) in eval."
-            )
-        return self.prompts_of(self.active_adapters[0])
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.prompt_cache.forget(adapter_name)
 
     def prompts_of(self, name: str) -> ShipPrompts:
         """Adapter ``name``'s tensors, or a clear error when it waits for calibration."""
@@ -288,47 +234,7 @@ class ShipLayer(nn.Module, BaseTunerLayer):
             )
         return self.ship_prompts[name]
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``hidden_states`` ``[B, N, D]``: the image tokens entering the first block; returns those after the last.
-
-        Further arguments are what the host passes to each block; SHIP takes no attention mask. During a
-        mixed-adapter call (``mixed_adapter_names``, set by :class:`~ship_peft.ShipModel`) every sample runs through
-        its own adapter.
-        """
-        if self.disable_adapters or not self.active_adapters:
-            return self.backbone.run_blocks(self, hidden_states, *args, **kwargs)
-        check_block_arguments(args, kwargs)
-        if self.mixed_adapter_names is not None:
-            return self._mixed_batch_forward(hidden_states, self.mixed_adapter_names, *args, **kwargs)
-        return self._adapter_forward(self._prompts_for_forward(), hidden_states)
-
-    def _adapter_forward(self, prompts: ShipPrompts, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The blocks with one adapter's prompts (the matching loss goes to ``matching_losses`` in training)."""
-        want_matching = self.training and prompts.config.matching_loss_weight > 0
-        static = self._static_path(prompts, hidden_states, want_matching) if self._shares_prompts(prompts) else None
-        image_tokens, matching_loss = self._encode(hidden_states, prompts, static, want_matching)
-        if matching_loss is not None and self.matching_losses is not None:
-            self.matching_losses.append(matching_loss)
-        return image_tokens
-
-    def _mixed_batch_forward(
-        self, hidden_states: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
-    ) -> torch.Tensor:
-        """Every sample through its own adapter (``"__base__"``: the plain blocks), as PEFT's LoRA does with
-        ``adapter_names``: one sub-batch per adapter; with the prompt cache, each adapter's shared path is kept."""
-        output = torch.empty_like(hidden_states)
-        for name in dict.fromkeys(adapter_names):
-            rows = [row for row, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
-            index = torch.tensor(rows, device=hidden_states.device)
-            group = hidden_states.index_select(0, index)
-            if name == BASE_ADAPTER:
-                result = self.backbone.run_blocks(self, group, *args, **kwargs)
-            else:
-                result = self._adapter_forward(self.prompts_of(name), group)
-            output.index_copy_(0, index, result)
-        return output
-
-    def _shares_prompts(self, prompts: ShipPrompts) -> bool:
+    def shares_prompts(self, prompts: ShipPrompts, training: bool) -> bool:
         """Whether the semantic and shared prompts take the same path for every sample, so that it runs once.
 
         With decoupled attention they never read the image before the last layer (they bypass attention), so their
@@ -338,264 +244,254 @@ class ShipLayer(nn.Module, BaseTunerLayer):
         """
         if not prompts.config.decoupled_attention:
             return False
-        if not self.training:
+        if not training:
             return True
-        return prompts.config.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.blocks))
+        return prompts.config.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.base_blocks()))
 
-    def _static_path(self, prompts: ShipPrompts, image_tokens: torch.Tensor, want_matching: bool) -> StaticPath:
-        """The semantic and shared prompts' path through the blocks, for the whole batch at once.
+    def start_group(self, name: str, rows: Optional[torch.Tensor], image_tokens: torch.Tensor) -> GroupState:
+        """The state of adapter ``name``'s samples at the start of a pass, with its memoised shared path if any."""
+        if name == BASE_ADAPTER:
+            return GroupState(name, rows)
+        prompts = self.prompts_of(name)
+        group = GroupState(name, rows, prompts, shared=self.shares_prompts(prompts, self.training))
+        group.want_matching = self.training and prompts.config.matching_loss_weight > 0
+        if group.shared and not self.training:
+            cache = self.prompt_cache
+            if cache.enabled and not torch.compiler.is_compiling():
+                tensors = [*prompts.parameters(), *(p for block in self.base_blocks() for p in block.parameters())]
+                group.cache_key = cache.key(tensors, image_tokens)
+            group.cached_path = cache.lookup(name, group.cache_key)
+            if group.cached_path is None and group.cache_key is not None:
+                group.collected_path = []
+        return group
 
-        In training it runs in every forward, with autograd, so the prompts' gradients sum over the batch. In eval
-        with the prompt cache (:meth:`ShipModel.enable_prompt_cache`) it is memoised, and rebuilt whenever a prompt or
-        backbone tensor, the dtype, the device or autocast changes (the key reads host-side counters only:
-        ``data_ptr`` and ``_version``, no device value). Under ``torch.compile`` it is part of the graph instead.
+    def finish_group(self, group: GroupState) -> None:
+        """At the end of a pass: memoise the shared path the group collected."""
+        if group.collected_path is not None:
+            self.prompt_cache.store(group.adapter_name, group.cache_key, group.collected_path)
+
+
+class ShipBlock(nn.Module, ShipTunerLayer):
+    """One block of the host's sequence with SHIP's prompts (``docs/method.md`` §2-§4), as LoRA's ``Linear`` wraps a
+    ``Linear``: ``base_layer`` is the host's block, and the host's loop calls this module in its place.
+
+    Its forward takes the image tokens entering block ``layer_index`` and returns those leaving it. The prompt tokens
+    travel beside them, in the call's :class:`~ship_peft.call.BlockPass`: the first block opens it, each block reads
+    and advances it, the last block closes it and hands the matching loss to the call. With adapters disabled it is
+    the host's block, called as the host calls it.
+    """
+
+    other_param_names = ("ship_config",)
+
+    def __init__(
+        self, base_layer: nn.Module, bank: ShipPromptBank, layer_index: int, adapter_name: str, config: ShipConfig
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        #: the adapters' tensors (a reference, not a child: they are registered on the host)
+        self.prompt_bank: tuple[ShipPromptBank] = (bank,)
+        self.layer_index = layer_index
+        self.ship_config: dict[str, ShipConfig] = {}
+        self._active_adapter = adapter_name
+        self.merged_adapters: list[str] = []
+        self.update_layer(adapter_name, config)
+
+    @property
+    def bank(self) -> ShipPromptBank:
+        return self.prompt_bank[0]
+
+    def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
+        self.ship_config[adapter_name] = config
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``hidden_states`` ``[B, N, D]``: the image tokens entering this block; returns those leaving it.
+
+        Further arguments are what the host passes to its blocks; SHIP takes no attention mask.
         """
-        if id(prompts) in self.frozen_static_paths and not self.training:
-            return self.frozen_static_paths[id(prompts)]  # fixed for an exported graph (ship_peft.export)
-        if not self.use_prompt_cache or self.training or torch.compiler.is_compiling():
-            return self._run_static_prompts(prompts, image_tokens.dtype, want_matching)
-        tensors = [*prompts.parameters(), *self.base_layer.parameters()]
-        key = (
-            id(prompts),
-            image_tokens.dtype,
-            image_tokens.device,
-            torch.is_autocast_enabled(image_tokens.device.type),
-            tuple((tensor.data_ptr(), tensor._version) for tensor in tensors),
-        )
-        cached = self._prompt_cache.get(id(prompts))
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                static = self._run_static_prompts(prompts, image_tokens.dtype, False)
-            cached = self._prompt_cache[id(prompts)] = (key, static)
-        return cached[1]
+        if self.disable_adapters or not self.active_adapters:
+            return self.base_layer(hidden_states, *args, **kwargs)
+        check_block_arguments(args, kwargs)
+        recording = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        remembered = remembered_inputs(hidden_states) if recording else None
+        if remembered is not None:  # the host's checkpointing recomputes this call in backward
+            return self._run_groups(remembered, hidden_states, args, kwargs)
+        block_pass = self._open_pass(hidden_states) if self.layer_index == 0 else self._running_pass()
+        if recording:
+            remember_inputs(hidden_states, block_pass)
+        output = self._run_groups(block_pass, hidden_states, args, kwargs)
+        if self.layer_index == self.bank.num_layers - 1:
+            self._close_pass(block_pass)
+        run_forward_hooks(self.base_layer, hidden_states, output)  # transformers' output_hidden_states
+        return output
 
-    def _run_static_prompts(self, prompts: ShipPrompts, dtype: torch.dtype, keep_last_inputs: bool) -> StaticPath:
-        """Run the semantic and shared prompts through the blocks at batch size 1 (``docs/method.md`` §3: they bypass
-        attention, ``a_p = LN1(p)``).
-
-        Only the work whose result is used is done: every layer's keys and values, and the rest of a block only for
-        the semantic prompts that flow on to the next layer (shared-prompt outputs are replaced by fresh ones at every
-        layer, and a level's outputs are dropped where the next level starts). The last layer's prompts attend to
-        every sample's tokens, so they are returned as they enter it (``keep_last_inputs``) for the per-sample pass.
-        """
-        keys_values, carried, tokens = [], None, None
-        last = self.num_layers - 1
-        for index, block in enumerate(self.blocks):
-            tokens = prompts.static_prompts(index, carried, dtype)
-            normed = self.backbone.norm1(block, tokens)
-            keys_values.append(self.backbone.key_value(block, normed))
-            if index < last and prompts.carries_to(index + 1):
-                semantic = tokens.shape[1] - prompts.config.num_shared_prompts
-                carried = self._residual_update(block, tokens[:, :semantic], normed[:, :semantic])
-        return StaticPath(keys_values, tokens if keep_last_inputs else None)
-
-    def _encode(
-        self,
-        image_tokens: torch.Tensor,
-        prompts: ShipPrompts,
-        static: Optional[StaticPath],
-        want_matching: bool,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Run every block with its prompts; returns the last block's image tokens and the matching loss.
-
-        Each sample's tokens are ``[image ; semantic and shared prompts ; attribute prompts]``. With ``static`` (the
-        shared path) the semantic and shared prompts are not among them: their keys and values per layer are given,
-        shared by every sample, and they join the sample's tokens only in the last layer when the matching loss needs
-        their outputs.
-        """
-        num_image_tokens = image_tokens.shape[1]
-        last = self.num_layers - 1
-        checkpoint = self.backbone.gradient_checkpointing(self) if self.training and torch.is_grad_enabled() else None
-        semantic, attribute, top_tokens, scores = None, None, None, None
-        for index, block in enumerate(self.blocks):
-            attribute = prompts.attribute_tokens(index, attribute, top_tokens)
-            tokens, static_state, num_static, keep = self._layer_inputs(
-                index, prompts, image_tokens, semantic, attribute, static, want_matching
-            )
-            step = partial(
-                self._layer_forward,
-                block,
-                num_image_tokens=num_image_tokens,
-                prompts=prompts,
-                prompt_attention=index == last and want_matching,  # prompt outputs feed only the matching loss
-                need_scores=(index + 1) in prompts.attribute_layers or (index == last and want_matching),
-                keep=keep,
-                drop_rate=self._drop_rate(prompts, index),
-            )
-            tokens, scores = checkpoint(step, tokens, *static_state) if checkpoint else step(tokens, *static_state)
-            block_input, image_tokens = image_tokens, leading(tokens, num_image_tokens, 1)
-            replay_forward_hooks(block, block_input, image_tokens)
-            end_of_static = num_image_tokens + num_static
-            semantic = tokens[:, num_image_tokens : end_of_static - prompts.config.num_shared_prompts]
-            attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
-            if (index + 1) in prompts.attribute_layers:
-                top_tokens = gather_top_tokens(image_tokens, scores, prompts.config.num_attribute_prompts)
-        if not want_matching:
-            return image_tokens, None
-        top_tokens = gather_top_tokens(image_tokens, scores, prompts.config.matching_top_k)
-        return image_tokens, prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens)
-
-    def _layer_inputs(
-        self,
-        index: int,
-        prompts: ShipPrompts,
-        image_tokens: torch.Tensor,
-        semantic: Optional[torch.Tensor],
-        attribute: Optional[torch.Tensor],
-        static: Optional[StaticPath],
-        want_matching: bool,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], int, int]:
-        """What every sample takes into layer ``index``: its tokens ``[image ; static prompts ; attribute prompts]``,
-        the shared path's keys and values it attends to (empty when it carries the static prompts itself), the number
-        of static prompts among its tokens, and how many of its leading tokens' outputs are needed after the layer.
-
-        ``semantic`` / ``attribute``: the previous layer's semantic- and attribute-prompt outputs of this sample.
-        """
-        batch_size, num_image_tokens, _ = image_tokens.shape
-        last = self.num_layers - 1
-        static_state, static_tokens = (), None
-        if static is None:
-            static_tokens = prompts.static_prompts(index, semantic, image_tokens.dtype).expand(batch_size, -1, -1)
-        elif index == last and want_matching:  # the prompts attend to each sample's tokens
-            static_tokens = static.last_inputs.expand(batch_size, -1, -1)
+    def _open_pass(self, image_tokens: torch.Tensor) -> BlockPass:
+        """The first block starts the pass: one group for the active adapter, or one per adapter of a mixed batch
+        (``adapter_names`` of the call, as LoRA takes them)."""
+        call = current_call()
+        names = None if call is None else call.adapter_names
+        if names is None:
+            groups = [self.bank.start_group(self._single_active_adapter(), None, image_tokens)]
         else:
-            static_state = static.keys_values[index]
+            groups = [
+                self.bank.start_group(name, self._rows_of(names, name, image_tokens.device), image_tokens)
+                for name in dict.fromkeys(names)
+            ]
+        block_pass = BlockPass(groups)
+        open_pass(block_pass)
+        return block_pass
+
+    @staticmethod
+    def _rows_of(names: list[str], name: str, device: torch.device) -> torch.Tensor:
+        return torch.tensor([row for row, sample_name in enumerate(names) if sample_name == name], device=device)
+
+    def _single_active_adapter(self) -> str:
+        if len(self.active_adapters) != 1:
+            raise ValueError(
+                f"SHIP runs one adapter at a time, but {self.active_adapters} are active; call "
+                f"`model.set_adapter(name)` with one name, or pass `adapter_names=[...]` (one per sample) in eval."
+            )
+        return self.active_adapters[0]
+
+    def _running_pass(self) -> BlockPass:
+        block_pass = running_pass()
+        if block_pass is None:
+            raise RuntimeError(
+                f"SHIP block {self.layer_index} was called without the blocks before it: SHIP's prompts flow from the "
+                f"first block on, so run the model, or its blocks in order from the first. If this happens in "
+                f"backward, a reentrant gradient checkpoint recomputed the block: it cannot carry SHIP's prompts, so "
+                f"checkpoint with `use_reentrant=False` (the default of transformers 5 and timm 1.0)."
+            )
+        return block_pass
+
+    def _close_pass(self, block_pass: BlockPass) -> None:
+        """The last block ends the pass: memoise collected shared paths, hand the matching loss to the call."""
+        call = current_call()
+        for group in block_pass.groups:
+            self.bank.finish_group(group)
+            if group.matching_loss is not None and call is not None:
+                call.matching_loss = group.matching_loss
+        close_pass()
+
+    def _run_groups(self, block_pass: BlockPass, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """Every group of the pass through this block: one sub-batch per adapter of a mixed batch."""
+        groups = block_pass.groups
+        if len(groups) == 1 and groups[0].rows is None:
+            return self._group_forward(groups[0], hidden_states, args, kwargs)
+        output = torch.empty_like(hidden_states)
+        for group in groups:
+            result = self._group_forward(group, hidden_states.index_select(0, group.rows), args, kwargs)
+            output.index_copy_(0, group.rows, result)
+        return output
+
+    def _group_forward(self, group: GroupState, image_tokens: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        if group.prompts is None:
+            return self.base_layer(image_tokens, *args, **kwargs)
+        return self._prompted_forward(group, image_tokens)
+
+    def _prompted_forward(self, group: GroupState, image_tokens: torch.Tensor) -> torch.Tensor:
+        """This block on ``[image ; static prompts ; attribute prompts]`` for one group; advances the group's state.
+
+        On the shared path the static (semantic and shared) prompts are not among each sample's tokens: their keys
+        and values, computed once for the group, are attended by every sample, and they join the samples' tokens
+        only in the last layer when the matching loss reads their outputs.
+        """
+        prompts, config, index = group.prompts, group.prompts.config, self.layer_index
+        last = index == self.bank.num_layers - 1
+        batch_size, num_image_tokens, _ = image_tokens.shape
+        prompt_attention = last and group.want_matching  # prompt outputs feed only the matching loss
+        attribute = prompts.attribute_tokens(index, group.attribute, group.top_tokens)
+        if group.shared:
+            static_tokens, static_key_value = self._advance_shared_path(group, image_tokens, prompt_attention)
+        else:
+            static_key_value = ()
+            static_tokens = prompts.static_prompts(index, group.semantic, image_tokens.dtype)
+            static_tokens = static_tokens.expand(batch_size, -1, -1)
         prompt_tokens = [part for part in (static_tokens, attribute) if part is not None]
         tokens = torch.cat([image_tokens, *prompt_tokens], dim=1) if prompt_tokens else image_tokens
         num_static = 0 if static_tokens is None else static_tokens.shape[1]
         keep = tokens.shape[1]  # the per-sample path computes every output, as the method is written
-        if static_state and not (index < last and prompts.carries_to(index + 1)):
+        if static_key_value and (last or not prompts.carries_to(index + 1)):
             keep = num_image_tokens  # the attribute-prompt outputs are dropped after this layer
-        return tokens, static_state, num_static, keep
-
-    def _drop_rate(self, prompts: ShipPrompts, index: int) -> float:
-        """Stochastic-depth rate of layer ``index`` in training: linear from 0 (first) to the configured rate (last)."""
-        return prompts.config.drop_path_rate * index / max(self.num_layers - 1, 1) if self.training else 0.0
-
-    def _residual_update(
-        self, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
-    ) -> torch.Tensor:
-        """The rest of a pre-norm block after attention: ``y = x + branch_attn(a)``, ``out = y + branch_mlp(y)``, with
-        SHIP's stochastic depth ``drop_rate`` on both residual branches."""
-        tokens = tokens + drop_path(self.backbone.attention_branch(block, attended), drop_rate)
-        return tokens + drop_path(self.backbone.mlp_branch(block, tokens), drop_rate)
-
-    def _layer_forward(
-        self,
-        block: nn.Module,
-        tokens: torch.Tensor,
-        static_key: Optional[torch.Tensor] = None,
-        static_value: Optional[torch.Tensor] = None,
-        *,
-        num_image_tokens: int,
-        prompts: ShipPrompts,
-        prompt_attention: bool,
-        need_scores: bool,
-        keep: int,
-        drop_rate: float = 0.0,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
-        stochastic depth ``drop_rate`` (§6). ``static_key`` / ``static_value`` ``[1, H, P, d]`` are the shared path's
-        prompt keys and values, attended by every sample's image queries.
-
-        Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the CLS
-        query's pre-softmax scores over the image keys.
-        """
-        normed = self.backbone.norm1(block, tokens)
-        static_state = None if static_key is None else (static_key, static_value)
-        attended, scores = self._attention(
-            block, normed, num_image_tokens, prompts, prompt_attention, need_scores, static_state
+        step = partial(
+            block_forward,
+            self.bank.backbone,
+            self.base_layer,
+            num_image_tokens=num_image_tokens,
+            decoupled=config.decoupled_attention,
+            prompt_weight=config.prompt_attention_weight,
+            prompt_attention=prompt_attention,
+            need_scores=(index + 1) in prompts.attribute_layers or prompt_attention,
+            keep=keep,
+            drop_rate=config.drop_path_rate * index / max(self.bank.num_layers - 1, 1) if self.training else 0.0,
         )
-        return self._residual_update(block, leading(tokens, keep, 1), leading(attended, keep, 1), drop_rate), scores
-
-    def _attention(
-        self,
-        block: nn.Module,
-        normed: torch.Tensor,
-        num_image_tokens: int,
-        prompts: ShipPrompts,
-        prompt_attention: bool,
-        need_scores: bool,
-        static_state: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
-        asked.
-
-        ``static_state`` holds the shared path's prompt keys and values ``[1, H, P_static, d]``, which join the
-        sample's own prompt keys.
-        """
-        backbone = self.backbone
-        queries_all = prompt_attention or not prompts.config.decoupled_attention
-        query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
-        key, value = backbone.key_value(block, normed)
-        image_query = leading(query, num_image_tokens, 2)
-        image_key, prompt_key = leading(key, num_image_tokens, 2), key[:, :, num_image_tokens:]
-        image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
-        scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
-
-        if not prompts.config.decoupled_attention:
-            return backbone.attend(block, query, key, value), scores
-
-        # (1 - lambda) * image attention + lambda * prompt attention
-        image_output = torch.lerp(
-            backbone.attend(block, image_query, image_key, image_value),
-            self._attend_prompts(block, image_query, prompt_key, prompt_value, static_state),
-            prompts.config.prompt_attention_weight,
-        )
-        if normed.shape[1] == num_image_tokens:
-            return image_output, scores
+        checkpoint = self._checkpoint_function()
+        tokens, scores = checkpoint(step, tokens, *static_key_value) if checkpoint else step(tokens, *static_key_value)
+        image_output = leading(tokens, num_image_tokens, 1)
+        end_of_static = num_image_tokens + num_static
+        group.semantic = tokens[:, num_image_tokens : end_of_static - config.num_shared_prompts]
+        group.attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None
+        if (index + 1) in prompts.attribute_layers:
+            group.top_tokens = gather_top_tokens(image_output, scores, config.num_attribute_prompts)
         if prompt_attention:
-            prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
-        else:
-            prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
-        return torch.cat([image_output, prompt_output], dim=1), scores
+            top_tokens = gather_top_tokens(image_output, scores, config.matching_top_k)
+            group.matching_loss = prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens)
+        return image_output
 
-    def _attend_prompts(
-        self,
-        block: nn.Module,
-        image_query: torch.Tensor,
-        prompt_key: torch.Tensor,
-        prompt_value: torch.Tensor,
-        static_state: Optional[tuple[torch.Tensor, torch.Tensor]],
-    ) -> torch.Tensor:
-        """The image queries' softmax over the prompt keys: the sample's own and the shared path's, ``[B, N, H*d]``.
+    def _advance_shared_path(
+        self, group: GroupState, image_tokens: torch.Tensor, prompt_attention: bool
+    ) -> tuple[Optional[torch.Tensor], tuple[torch.Tensor, ...]]:
+        """The shared path's step through this block, at batch size 1 (``docs/method.md`` §3 and §5: the prompts
+        bypass attention, ``a_p = LN1(p)``).
 
-        Shared keys alone are attended by all samples at once: the batch folds into the query rows (a view), so no
-        sample gets a copy of them. Next to per-sample attribute-prompt keys they are broadcast into one key set per
-        sample, as one softmax needs.
+        Returns the static prompts to append to every sample's tokens (only where their outputs are read: the last
+        layer with the matching loss), else their keys and values for the samples to attend to. Only work whose
+        result is used is done: the rest of the block runs only for the semantic prompts that flow on to the next
+        layer (shared-prompt outputs are replaced by fresh ones at every layer, and a level's outputs are dropped
+        where the next level starts).
         """
-        if static_state is None:
-            return self.backbone.attend(block, image_query, prompt_key, prompt_value)
-        static_key, static_value = static_state
-        batch_size, num_heads, num_queries, head_dim = image_query.shape
-        if prompt_key.shape[2] == 0:
-            folded = image_query.transpose(1, 2).reshape(1, batch_size * num_queries, num_heads, head_dim)
-            attended = self.backbone.attend(block, folded.transpose(1, 2), static_key, static_value)
-            return attended.view(batch_size, num_queries, -1)
-        key = torch.cat([static_key.expand(batch_size, -1, -1, -1), prompt_key], dim=2)
-        value = torch.cat([static_value.expand(batch_size, -1, -1, -1), prompt_value], dim=2)
-        return self.backbone.attend(block, image_query, key, value)
+        index, prompts = self.layer_index, group.prompts
+        if group.cached_path is not None:
+            return None, group.cached_path[index]
+        tokens = prompts.static_prompts(index, group.carried, image_tokens.dtype)
+        if prompt_attention:
+            return tokens.expand(image_tokens.shape[0], -1, -1), ()
+        backbone, block = self.bank.backbone, self.base_layer
+        normed = backbone.norm1(block, tokens)
+        key_value = backbone.key_value(block, normed)
+        if group.collected_path is not None:
+            group.collected_path.append(key_value)
+        if index < self.bank.num_layers - 1 and prompts.carries_to(index + 1):
+            semantic = tokens.shape[1] - prompts.config.num_shared_prompts
+            group.carried = residual_update(backbone, block, tokens[:, :semantic], normed[:, :semantic])
+        return None, key_value
 
-    def merge(self, *args: Any, **kwargs: Any) -> None:
-        raise NotImplementedError(
-            "SHIP's prompts are extra tokens, not weight deltas: they cannot be merged into the backbone. Keep the "
-            "adapter loaded (PeftModel) for inference."
-        )
-
-    def unmerge(self) -> None:
-        """Nothing to do: SHIP adapters are never merged (PEFT's layers warn likewise when not merged)."""
-        warnings.warn("Already unmerged. Nothing to do.")
-
-    def unload_and_optionally_merge_module(
-        self, merge: bool, safe_merge: bool, adapter_names: Optional[list[str]]
-    ) -> nn.Module:
-        """For PEFT's ``unload()``: the plain block sequence (``merge`` raises: SHIP cannot merge)."""
-        if merge:
-            self.merge()
-        return self.base_layer
+    def _checkpoint_function(self):
+        """The host's checkpoint function for this block in a training forward with gradients, else None."""
+        if not (self.training and torch.is_grad_enabled()):
+            return None
+        return self.bank.backbone.checkpoint_function(self.base_layer)
 
     def __repr__(self) -> str:
         return "ship." + super().__repr__()
+
+
+def prompt_banks(model: nn.Module) -> list[ShipPromptBank]:
+    return [module for module in model.modules() if isinstance(module, ShipPromptBank)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s SHIP blocks as the plain host blocks inside (PEFT's ``enable_adapters`` of each layer)."""
+    layers = [module for module in model.modules() if isinstance(module, ShipTunerLayer)]
+    were_disabled = [layer.disable_adapters for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer, was_disabled in zip(layers, were_disabled):
+            layer.enable_adapters(not was_disabled)
 
 
 def check_block_arguments(args: tuple, kwargs: dict) -> None:

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner
@@ -14,47 +15,64 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
-from .backbones import FAMILIES, Backbone, family_of, find_hosts, supported_families
+from .backbones import Backbone, find_hosts, supported_families
+from .call import current_call, ship_call
 from .config import ShipConfig, check_prompt_layers
-from .layer import BASE_ADAPTER, ShipLayer, check_block_arguments
 from .constants import SHIP_PREFIX
+from .layer import BASE_ADAPTER, ShipBlock, ShipPromptBank, ShipTunerLayer, check_block_arguments, prompt_banks
 
-def find_blocks(model: nn.Module) -> str:
-    """Name of the one block sequence SHIP wraps in ``model``, or a clear error naming the supported families."""
-    names = [f"{name}.{family.blocks_path}".lstrip(".") for name, _, family in find_hosts(model)]
-    if not names:
+#: The attribute of the host module (the one holding the block sequence) that holds the adapters' tensors.
+BANK_NAME = "ship"
+
+
+def block_sequences(model: nn.Module) -> list[str]:
+    """The names of the block sequences in ``model`` that SHIP can wrap, outermost first."""
+    return [f"{name}.{family.blocks_path}".lstrip(".") for name, _, family in find_hosts(model)]
+
+
+def resolve_target(model: nn.Module, target_modules: Optional[Union[list[str], str]]) -> str:
+    """The one block sequence ``target_modules`` names, by PEFT's rules: a list matches a full name or a dotted
+    suffix of it, a string is a regular expression matched against the full name, None takes the only one.
+
+    A clear error, listing the sequences found, when it names none or several."""
+    sequences = block_sequences(model)
+    if not sequences:
         raise TypeError(
             f"SHIP does not support {type(model).__name__}: it holds no Vision Transformer of a supported family. "
             f"Supported: {supported_families()}."
         )
-    if len(names) > 1:
-        raise TypeError(
-            f"{type(model).__name__} holds several Vision Transformers ({names}); choose one with "
+    if target_modules is None:
+        matches = sequences
+    elif isinstance(target_modules, str):
+        matches = [name for name in sequences if re.fullmatch(target_modules, name) or _names(name, [target_modules])]
+    else:
+        matches = [name for name in sequences if _names(name, target_modules)]
+    if len(matches) == 1:
+        return matches[0]
+    if target_modules is None:
+        raise ValueError(
+            f"{type(model).__name__} holds several Vision Transformers ({sequences}); choose one with "
             f"`ShipConfig(target_modules=[name])`."
         )
-    return names[0]
-
-
-def resolve_blocks(model: nn.Module, blocks_name: str) -> tuple[nn.Module, type[Backbone]]:
-    """The host module of the block sequence ``blocks_name`` and its family, or a clear error."""
-    for family in FAMILIES:
-        if blocks_name == family.blocks_path or blocks_name.endswith("." + family.blocks_path):
-            host_name = blocks_name[: -len(family.blocks_path)].rstrip(".")
-            host = _submodule_or_none(model, host_name)
-            if family_of(host) is family:
-                return host, family
-    raise TypeError(
-        f"ShipConfig.target_modules names {blocks_name!r}, which is not the block sequence of a supported Vision "
-        f"Transformer (SHIP wraps e.g. `vit.layers`, `dinov2.encoder.layer` or timm's `blocks`; leave "
-        f"`target_modules=None` to find it). Supported: {supported_families()}."
+    problem = "matches none" if not matches else f"matches several ({matches}), but one adapter wraps one"
+    raise ValueError(
+        f"ShipConfig.target_modules={target_modules!r} {problem} of the block sequences SHIP can wrap in "
+        f"{type(model).__name__}: {sequences}. Name one of them (a list entry matches a name or its dotted suffix, a "
+        f"string is a regular expression matched against the whole name), or leave `target_modules=None`."
     )
 
 
-def _submodule_or_none(model: nn.Module, name: str) -> Optional[nn.Module]:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+def _names(name: str, targets: list[str]) -> bool:
+    """Whether one of ``targets`` is ``name`` or a dotted suffix of it (PEFT's rule for a list)."""
+    return any(name == target or name.endswith("." + target) for target in targets)
+
+
+def resolve_blocks(model: nn.Module, blocks_name: str) -> tuple[nn.Module, type[Backbone]]:
+    """The host module of the block sequence ``blocks_name`` and its family."""
+    for name, host, family in find_hosts(model):
+        if f"{name}.{family.blocks_path}".lstrip(".") == blocks_name:
+            return host, family
+    raise ValueError(f"{blocks_name!r} is not a block sequence SHIP can wrap; found: {block_sequences(model)}.")
 
 
 def with_ship_losses(output_class: type[ModelOutput]) -> type[ModelOutput]:
@@ -89,10 +107,10 @@ def check_labels(labels: Optional[torch.Tensor], num_labels: Optional[int]) -> N
     )
 
 
-def check_prototypes(layer: ShipLayer, names: Iterable[str]) -> None:
+def check_prototypes(bank: ShipPromptBank, names: Iterable[str]) -> None:
     """Clear error when adapter ``names`` have attribute prompts but no prototypes (calibration was skipped)."""
     for name in names:
-        prompts = layer.ship_prompts[name] if name in layer.ship_prompts else None
+        prompts = bank.ship_prompts[name] if name in bank.ship_prompts else None
         if prompts is not None and prompts.prototypes is not None:
             assert_values(
                 torch.any(prompts.prototypes != 0),
@@ -117,11 +135,10 @@ def assert_values(condition: torch.Tensor, message: str, error: type[Exception] 
         torch._assert_async(condition, message)
 
 
-def get_ship_layer(model: nn.Module) -> ShipLayer:
-    """The :class:`ShipLayer` of a PEFT model (or of the model inside it)."""
-    for module in model.modules():
-        if isinstance(module, ShipLayer):
-            return module
+def get_prompt_bank(model: nn.Module) -> ShipPromptBank:
+    """The :class:`ShipPromptBank` (every adapter's tensors) of a PEFT model with SHIP, or of the model inside it."""
+    for bank in prompt_banks(model):
+        return bank
     raise TypeError(
         f"{type(model).__name__} has no SHIP adapter; create one with `peft.get_peft_model(model, ShipConfig())`."
     )
@@ -159,44 +176,55 @@ def check_adapter_shapes(model_state: dict[str, torch.Tensor], adapter_state: di
 
 
 class ShipModel(BaseTuner):
-    """Creates a SHIP model (Semantic Hierarchical Prompt tuning, Zhu et al., ICASSP 2025) from a transformers ViT.
+    """Creates a SHIP model (Semantic Hierarchical Prompt tuning, Zhu et al., ICASSP 2025) from a Vision Transformer.
 
-    Use it through PEFT: ``peft.get_peft_model(vit, ShipConfig(...))`` after ``import ship_peft``. In training mode,
-    when ``labels`` are passed, ``matching_loss_weight * matching_loss`` is added to ``outputs.loss``; the output
-    also carries ``matching_loss`` and ``classification_loss`` for logging.
+    Use it through PEFT: ``peft.get_peft_model(vit, ShipConfig(...))`` after ``import ship_peft``. Every block of the
+    backbone's sequence is wrapped in a :class:`~ship_peft.layer.ShipBlock`, and the adapters' tensors are kept in a
+    :class:`~ship_peft.layer.ShipPromptBank` beside the sequence. In training mode, when ``labels`` are passed,
+    ``matching_loss_weight * matching_loss`` is added to ``outputs.loss``; the output also carries ``matching_loss``
+    and ``classification_loss`` for logging. Models that return logits only (timm) give the matching loss through
+    :func:`ship_peft.record_matching_loss`.
     """
 
     prefix: str = SHIP_PREFIX
-    tuner_layer_cls = ShipLayer
-    #: the unweighted matching loss of the last training forward (None otherwise); models that return logits only
-    #: (timm) add ``matching_loss_weight * last_matching_loss`` to their loss themselves.
-    last_matching_loss: Optional[torch.Tensor] = None
+    tuner_layer_cls = ShipTunerLayer
     _matching_loss_hook: Optional[torch.utils.hooks.RemovableHandle] = None
-    #: what the running ``PeftModel`` call told the matching-loss hook (None outside a call)
-    _call: Optional[dict[str, Any]] = None
 
     def _prepare_adapter_config(self, peft_config: PeftConfig, model_config: dict) -> PeftConfig:
         return peft_config  # the backbone is found from the model itself in `_prepare_model`
 
     def _prepare_model(self, peft_config: ShipConfig, model: nn.Module) -> None:
-        if isinstance(peft_config.target_modules, str):
-            peft_config.target_modules = [peft_config.target_modules]
-        if peft_config.target_modules is None:
-            peft_config.target_modules = [find_blocks(model)]
-        blocks = model.get_submodule(peft_config.target_modules[0])
-        if isinstance(blocks, ShipLayer):
-            blocks = blocks.base_layer
+        blocks_name = resolve_target(model, peft_config.target_modules)
+        peft_config.target_modules = [blocks_name]
+        _, family = resolve_blocks(model, blocks_name)
         if peft_config.modules_to_save is None:
-            _, family = resolve_blocks(model, peft_config.target_modules[0])
             heads = [name for name in family.head_names if isinstance(getattr(model, name, None), nn.Module)]
             peft_config.modules_to_save = heads or None
         if peft_config.prompt_layers is not None:
-            check_prompt_layers(peft_config.prompt_layers, num_layers=len(blocks))
+            check_prompt_layers(peft_config.prompt_layers, num_layers=len(model.get_submodule(blocks_name)))
         if self._matching_loss_hook is None:  # one hook for the model's life: none is registered per call
             self._matching_loss_hook = model.register_forward_hook(self._add_matching_loss)
         output_class = getattr(type(model).forward, "__annotations__", {}).get("return")
         if isinstance(output_class, type) and issubclass(output_class, ModelOutput):
             with_ship_losses(output_class)  # made now, outside any torch.compile trace
+
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """PEFT's injection, matching the blocks by the config: SHIP's tensors sit beside the block sequence, not in
+        the blocks a ``state_dict`` would name, so ``inject_adapter_in_model(state_dict=...)`` uses the config too."""
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype, low_cpu_mem_usage)
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: ShipConfig, key: str) -> bool:
+        """SHIP wraps every block of the sequence that ``_prepare_model`` resolved ``target_modules`` to."""
+        sequence, _, index = key.rpartition(".")
+        return index.isdigit() and sequence in peft_config.target_modules
 
     def _create_and_replace(
         self,
@@ -207,16 +235,24 @@ class ShipModel(BaseTuner):
         parent: nn.Module,
         current_key: str,
     ) -> None:
-        if isinstance(target, ShipLayer):
+        bank = self._bank_for(parent, current_key.rpartition(".")[0], adapter_name, peft_config)
+        if isinstance(target, ShipBlock):
             target.update_layer(adapter_name, peft_config)
             return
-        host, family = resolve_blocks(self.model, current_key)
-        backbone = family()
-        new_module = ShipLayer(target, adapter_name, peft_config, backbone)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-        backbone.attach(host, new_module)
+        self._replace_module(parent, target_name, ShipBlock(target, bank, int(target_name), adapter_name, peft_config), target)
+
+    def _bank_for(self, blocks: nn.ModuleList, blocks_name: str, adapter_name: str, config: ShipConfig) -> ShipPromptBank:
+        """The prompt bank beside ``blocks`` (made with the first adapter), holding ``adapter_name``."""
+        host, family = resolve_blocks(self.model, blocks_name)
+        bank = getattr(host, BANK_NAME, None)
+        if bank is None:
+            host.add_module(BANK_NAME, ShipPromptBank(blocks, family(), adapter_name, config))
+            return getattr(host, BANK_NAME)
+        if not isinstance(bank, ShipPromptBank):
+            raise TypeError(f"{type(host).__name__} already has an attribute {BANK_NAME!r}, where SHIP keeps its prompts.")
+        if adapter_name not in bank.ship_config:
+            bank.update_layer(adapter_name, config)
+        return bank
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         for name, parameter in model.named_parameters():
@@ -230,18 +266,21 @@ class ShipModel(BaseTuner):
         safe_merge: bool = False,
         adapter_names: Optional[list[str]] = None,
     ) -> nn.Module:
-        """The plain base model, as PEFT's ``unload()`` gives it for LoRA: the block sequence back in its host, the
-        trained classifier in place of its ``ModulesToSaveWrapper``, no ``peft_config`` attribute left."""
+        """The plain base model, as PEFT's ``unload()`` gives it for LoRA: the host's blocks back in their sequence,
+        no prompt bank, the trained classifier in place of its ``ModulesToSaveWrapper``, no ``peft_config``."""
         if merge:
-            get_ship_layer(self.model).merge()  # raises: prompts are tokens, not weight deltas
-        for name, module in list(self.model.named_modules()):
-            if not isinstance(module, (ShipLayer, AuxiliaryTrainingWrapper)):
-                continue
+            get_prompt_bank(self.model).merge()  # raises: prompts are tokens, not weight deltas
+        wrapped = [(name, module) for name, module in self.model.named_modules() if isinstance(module, UNLOADED)]
+        for name, module in wrapped:
             parent_name, _, child_name = name.rpartition(".")
-            if isinstance(module, ShipLayer):
-                module.backbone.detach(resolve_blocks(self.model, name)[0], module)
-            plain = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
-            setattr(self.model.get_submodule(parent_name), child_name, plain)
+            parent = self.model.get_submodule(parent_name)
+            if isinstance(module, ShipPromptBank):
+                delattr(parent, child_name)
+            elif isinstance(module, ShipBlock):
+                setattr(parent, child_name, module.base_layer)
+            else:
+                plain = module.unload_and_optionally_merge_module(merge=False, safe_merge=False, adapter_names=None)
+                setattr(parent, child_name, plain)
         if hasattr(self.model, "peft_config"):
             del self.model.peft_config
         if self._matching_loss_hook is not None:
@@ -253,29 +292,34 @@ class ShipModel(BaseTuner):
         """Memoise the semantic and shared prompts' path for inference (``docs/method.md`` §5).
 
         With decoupled attention these prompts follow the same path for every input, so every forward already runs
-        it once for the whole batch; with the cache, eval-mode forwards also reuse it from one call to the next (it
-        is rebuilt after a parameter, dtype, device or autocast change). Logits are those of the uncached path up to
-        float rounding. Training runs the shared path afresh in every step (its gradients are needed). Needs
-        ``decoupled_attention=True``.
+        it once for the whole batch; with the cache, eval-mode forwards also reuse it from one call to the next. It
+        is rebuilt after an optimizer step, ``load_state_dict``, an in-place edit, a dtype, device or autocast change;
+        after edits through ``tensor.data`` (which PyTorch does not track) call :meth:`refresh_prompt_cache`. Logits
+        are those of the uncached path up to float rounding. Training runs the shared path afresh in every step
+        (its gradients are needed). Needs ``decoupled_attention=True``.
         """
-        layer = get_ship_layer(self.model)
         for name in self.active_adapters:
             if not self.peft_config[name].decoupled_attention:
                 raise ValueError(
                     f"The prompt cache needs decoupled attention; adapter {name!r} has decoupled_attention=False, so "
                     f"its prompts attend to the image and differ for every input."
                 )
-        layer.use_prompt_cache = True
+        get_prompt_bank(self.model).prompt_cache.enabled = True
+
+    def refresh_prompt_cache(self) -> None:
+        """Drop the memoised prompt paths: the next eval forward runs them afresh. Needed only after editing weights
+        through ``tensor.data``, which PyTorch does not record; every other change is noticed by itself."""
+        get_prompt_bank(self.model).prompt_cache.refresh()
 
     def disable_prompt_cache(self) -> None:
         """Run the shared prompt path afresh in every eval forward too (the default) and free the cache."""
-        layer = get_ship_layer(self.model)
-        layer.use_prompt_cache = False
-        layer._prompt_cache = {}
+        cache = get_prompt_bank(self.model).prompt_cache
+        cache.enabled = False
+        cache.refresh()
 
     @classmethod
     def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
-        # ``...vit.ship_prompts.<adapter>.shared_prompts`` -> ``...vit.ship_prompts.shared_prompts`` (and back on load)
+        # ``...vit.ship.ship_prompts.<adapter>.shared_prompts`` -> ``...vit.ship.ship_prompts.shared_prompts``
         return key.replace(f"{SHIP_PREFIX}.{adapter_name}.", f"{SHIP_PREFIX}.", 1)
 
     @classmethod
@@ -291,27 +335,27 @@ class ShipModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """PEFT's ``autocast_adapter_dtype``: float32 prompts on a float16/bfloat16 backbone (True, the default), or
         prompts in the backbone's dtype (False); kept for prompts built later by calibration."""
-        for module in self.model.modules():
-            if isinstance(module, ShipLayer):
-                module.autocast_adapter_dtype[adapter_name] = autocast_adapter_dtype
-                if adapter_name in module.ship_prompts:
-                    module.place_adapter(adapter_name)
+        for bank in prompt_banks(self.model):
+            bank.autocast_adapter_dtype[adapter_name] = autocast_adapter_dtype
+            if adapter_name in bank.ship_prompts:
+                bank.place_adapter(adapter_name)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """For one ``PeftModel`` call: check the inputs, and add the matching loss to the model's loss
-        (``docs/method.md`` §4)."""
+        """For one ``PeftModel`` call: check the inputs, and open the call's state (``ship_peft/call.py``): the
+        per-sample ``adapter_names``, and the matching loss the blocks hand back (``docs/method.md`` §4)."""
         check_block_arguments((), {"attention_mask": kwargs.get("attention_mask")})  # the host may drop it silently
-        layer = get_ship_layer(self.model)
+        bank = get_prompt_bank(self.model)
         adapter_names = kwargs.get("adapter_names")
         host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         if adapter_names is not None:
-            self._check_mixed_batch(list(adapter_names), pixel_values, kwargs)
-        if not layer.disable_adapters:
-            check_prototypes(layer, layer.active_adapters if adapter_names is None else set(adapter_names))
+            adapter_names = list(adapter_names)
+            self._check_mixed_batch(adapter_names, pixel_values, kwargs)
+        if not bank.disable_adapters:
+            check_prototypes(bank, bank.active_adapters if adapter_names is None else set(adapter_names))
             if torch.is_tensor(pixel_values):
-                check_pixel_values(layer.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
+                check_pixel_values(bank.backbone, host, pixel_values, bool(kwargs.get("interpolate_pos_encoding")))
         check_labels(kwargs.get("labels"), getattr(getattr(self.model, "config", None), "num_labels", None))
         num_items_in_batch = kwargs.get("num_items_in_batch")
         # When the Trainer passes `num_items_in_batch`, the cross-entropy is a sum over this batch divided by the items
@@ -319,16 +363,16 @@ class ShipModel(BaseTuner):
         share = 1.0 if num_items_in_batch is None or not torch.is_tensor(pixel_values) else (
             pixel_values.shape[0] / num_items_in_batch
         )
-        self.last_matching_loss = None
-        self._call = dict(has_labels=kwargs.get("labels") is not None, share=share)
-        layer.matching_losses = []
-        handles = [] if adapter_names is None else self._route_mixed_batch(layer, list(adapter_names))
+        handles = [] if adapter_names is None else self._route_mixed_batch(adapter_names)
         try:
-            yield
+            with ship_call(
+                adapter_names=adapter_names,
+                adds_to_output=True,
+                has_labels=kwargs.get("labels") is not None,
+                loss_share=share,
+            ):
+                yield
         finally:
-            self._call = None
-            layer.matching_losses = None
-            layer.mixed_adapter_names = None
             for handle in handles:
                 handle.remove()
 
@@ -361,10 +405,10 @@ class ShipModel(BaseTuner):
                 f"share one tensor; run adapters with different numbers of labels in separate calls."
             )
 
-    def _route_mixed_batch(self, layer: ShipLayer, adapter_names: list[str]) -> list[torch.utils.hooks.RemovableHandle]:
-        """Send each sample through its own adapter: the tuner layer by name, and the trained classifiers
-        (``modules_to_save``) through PEFT's own mixed-batch forward, as LoRA's ``adapter_names``."""
-        layer.mixed_adapter_names = adapter_names
+    def _route_mixed_batch(self, adapter_names: list[str]) -> list[torch.utils.hooks.RemovableHandle]:
+        """Send each sample's logits through its own trained classifier (``modules_to_save``), with PEFT's own
+        mixed-batch forward, as LoRA does: pre-hooks for this call only, removed when it ends. (The blocks read the
+        names from the call's state.)"""
 
         def pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             return args, {**kwargs, "adapter_names": adapter_names}
@@ -378,18 +422,22 @@ class ShipModel(BaseTuner):
     def _add_matching_loss(self, module: nn.Module, inputs: Any, output: Any) -> Any:
         """Forward hook on the task model, registered once (``_prepare_model``): during a ``PeftModel`` call, add
         ``matching_loss_weight * matching_loss`` to the model's loss and expose both losses."""
-        layer = get_ship_layer(self.model)
-        if self._call is None or not layer.matching_losses:
+        call = current_call()
+        if call is None or not call.adds_to_output or call.matching_loss is None:
             return output  # the inner model called directly, or no matching loss (eval, weight 0)
-        matching_loss = self.last_matching_loss = layer.matching_losses[-1]
-        weighted = self.peft_config[self.active_adapters[0]].matching_loss_weight * matching_loss * self._call["share"]
+        matching_loss = call.matching_loss
+        weighted = self.peft_config[self.active_adapters[0]].matching_loss_weight * matching_loss * call.loss_share
         if isinstance(output, tuple):  # return_dict=False: (loss, logits, ...) when labels were given
-            return (output[0] + weighted, *output[1:]) if self._call["has_labels"] else output
+            return (output[0] + weighted, *output[1:]) if call.has_labels else output
         if getattr(output, "loss", None) is None:
-            return output  # e.g. timm models, which return logits: add `last_matching_loss` to your loss
+            return output  # e.g. timm models, which return logits: see ship_peft.record_matching_loss
         values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
         values["loss"] = output.loss + weighted
         return with_ship_losses(type(output))(**values)
+
+
+#: What ``unload()`` takes out of the model: SHIP's modules and PEFT's trained-classifier wrappers.
+UNLOADED = (ShipPromptBank, ShipBlock, AuxiliaryTrainingWrapper)
 
 
 def head_size(model: nn.Module, adapter_name: str) -> Optional[int]:

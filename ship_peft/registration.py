@@ -8,27 +8,22 @@ method's key being a member of our own ``(str, Enum)``: its value ``"SHIP"`` equ
 The same checks as ``register_peft_method`` run first (key free, prefix unused), so a clash is an error, not an
 overwrite. LoRA and every other method keep working in the same process.
 
-The only other change to PEFT is made here too, by ``safe_io.install()`` (see ``ship_peft/safe_io.py``): it wraps
-``peft.peft_model.safe_save_file`` and ``peft.config.PeftConfigMixin.save_pretrained`` so that ``save_pretrained``
-replaces ``adapter_model.safetensors`` and ``adapter_config.json`` atomically (temporary file, fsync,
-``os.replace``), and ``peft.utils.save_and_load.safe_load_file`` so that a truncated or corrupted adapter file
-raises ``safe_io.CorruptAdapterFileError`` naming the file and the fix. These wrappers act on SHIP adapters only;
-every other PEFT method goes straight to PEFT's own functions. Installing them is idempotent.
+Nothing of PEFT, transformers, timm or safetensors is replaced: atomic saves and the clear error for a damaged
+adapter file are explicit helpers (``ship_peft.safe_io.save_adapter`` / ``load_adapter``), used where ship-peft
+owns the write (the command line).
 """
 
 from __future__ import annotations
 
-from . import safe_io
 from .config import ShipConfig
 from .constants import SHIP_PREFIX, ShipPeftType
 from .model import ShipModel
 
 
 def register() -> None:
-    """Add SHIP to PEFT's config, tuner and prefix tables and install ``safe_io``'s wrappers (idempotent)."""
+    """Add SHIP to PEFT's config, tuner and prefix tables (idempotent)."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-    safe_io.install()
     key = ShipPeftType.SHIP
     if PEFT_TYPE_TO_CONFIG_MAPPING.get(key) is ShipConfig and PEFT_TYPE_TO_TUNER_MAPPING.get(key) is ShipModel:
         return

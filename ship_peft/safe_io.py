@@ -1,35 +1,26 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Atomic adapter saves and a clear error for a damaged adapter file, installed into PEFT by ``register()``.
+"""Atomic adapter saves and a clear error for a damaged adapter file: explicit helpers, nothing of PEFT replaced.
 
 PEFT 0.21 writes ``adapter_model.safetensors`` and ``adapter_config.json`` straight onto their final names, so an
-interrupted or failing ``save_pretrained`` into an existing folder leaves a half-written adapter. It has no hook
-for this, so :func:`install` wraps three names that PEFT looks up at call time:
+interrupted or failing ``save_pretrained`` into an existing folder leaves a half-written adapter, and a truncated
+file makes its loader fail with safetensors' bare "Error while deserializing header".
 
-* ``peft.peft_model.safe_save_file`` (safetensors' ``save_file``): the tensors are written to a temporary file in
-  the same folder (``.adapter_model.safetensors.<random>.tmp``), which is fsynced and then ``os.replace``-d onto
-  the final name.
-* ``peft.config.PeftConfigMixin.save_pretrained``: PEFT's own method writes the config into a temporary folder
-  inside the target folder (``.adapter_config.<random>.tmp/``); its file is fsynced and ``os.replace``-d into
-  the target folder.
-* ``peft.utils.save_and_load.safe_load_file`` (safetensors' ``load_file``): a file whose header cannot be read
-  (truncated or corrupted) raises :class:`CorruptAdapterFileError`, naming the file and the fix, instead of
-  safetensors' bare "Error while deserializing header".
+* :func:`save_adapter` runs the model's own ``save_pretrained`` into a temporary folder inside the target folder,
+  then fsyncs every file it wrote and ``os.replace``-s it onto its final name. On any exception,
+  ``KeyboardInterrupt`` included, the temporary folder is removed and the exception re-raised, so the previous files
+  stay intact. Each file is replaced atomically on its own; the files of one save are not replaced together.
+* :func:`load_adapter` checks that the adapter's safetensors files can be read, raising
+  :class:`CorruptAdapterFileError` (naming the file and the fix) for a truncated or corrupted one, then loads it with
+  ``PeftModel.from_pretrained``.
 
-On any exception, ``KeyboardInterrupt`` included, the temporary file or folder is removed and the exception is
-re-raised, so the previous file stays intact. Each file is replaced atomically on its own; the two files of one
-``save_pretrained`` are not replaced together. The wrappers write the same bytes as PEFT, and only for SHIP
-adapters: every other PEFT method in the process (LoRA, ...) goes straight to PEFT's own function, untouched. A SHIP
-adapter is recognised by its tensors' names (``ship_prompts``), its config's ``peft_type``, or, for a file that
-cannot be read, the ``adapter_config.json`` beside it. ``safe_serialization=False`` (PEFT calls ``torch.save`` on
-``adapter_model.bin``) is not covered: wrapping it would mean patching ``torch.save`` for everyone.
+The ``ship-peft`` command line saves and loads through them; library users call them in place of
+``save_pretrained`` / ``PeftModel.from_pretrained`` when they want the same. They work for any PEFT method.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
-import json
+import glob
 import os
 import secrets
 import shutil
@@ -38,14 +29,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from safetensors import SafetensorError
-
-from .constants import SHIP_PREFIX, ShipPeftType
+from safetensors.torch import load_file
 
 _T = TypeVar("_T")
-
-#: Attribute set on every wrapper installed here; :func:`install` checks it so that wrapping twice is a no-op.
-WRAPPED_MARK = "_ship_peft_safe_io"
-
 
 class CorruptAdapterFileError(ValueError, SafetensorError):
     """An adapter's safetensors file is truncated or corrupted; the safetensors error is its ``__cause__``.
@@ -94,84 +80,45 @@ def write_atomically(path: str | os.PathLike[str], write: Callable[[str], _T]) -
     return result
 
 
-def atomic_save_file(save_file: Callable[..., _T]) -> Callable[..., _T]:
-    """Wrap safetensors' ``save_file(tensors, filename, metadata=None)`` so that it writes atomically."""
+def save_adapter(model: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    """``model.save_pretrained(save_directory, **kwargs)``, each file replacing the previous one atomically."""
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise ValueError(f"{save_directory} is a file; save the adapter into a folder.")
+    os.makedirs(save_directory, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".ship-peft-save.", suffix=".tmp", dir=save_directory)
+    try:
+        model.save_pretrained(staging, **kwargs)
+        for folder, _, names in os.walk(staging):
+            target = os.path.join(save_directory, os.path.relpath(folder, staging))
+            os.makedirs(target, exist_ok=True)
+            for name in sorted(names):
+                _fsync_file(os.path.join(folder, name))
+                os.replace(os.path.join(folder, name), os.path.join(target, name))
+            _fsync_folder(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
-    @functools.wraps(save_file)
-    def wrapper(tensors: Any, filename: str | os.PathLike[str], *args: Any, **kwargs: Any) -> _T:
-        if not any(SHIP_PREFIX in key for key in tensors):
-            return save_file(tensors, filename, *args, **kwargs)  # another PEFT method: PEFT's own save
-        return write_atomically(filename, lambda temporary: save_file(tensors, temporary, *args, **kwargs))
 
-    return wrapper
-
-
-def atomic_config_save(save_pretrained: Callable[..., None]) -> Callable[..., None]:
-    """Wrap ``PeftConfigMixin.save_pretrained`` so that every file it writes replaces the old one atomically."""
-
-    @functools.wraps(save_pretrained)
-    def wrapper(self: Any, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        if getattr(self, "peft_type", None) != ShipPeftType.SHIP or os.path.isfile(save_directory):
-            # another PEFT method's config, or PEFT's own error for a file in the way
-            return save_pretrained(self, save_directory, **kwargs)
-        os.makedirs(save_directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".adapter_config.", suffix=".tmp", dir=save_directory)
+def check_adapter_files(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`CorruptAdapterFileError` when a safetensors file of the local adapter folder ``path`` (or the
+    file itself) cannot be read; a Hub id or a missing path is left to PEFT."""
+    path = os.fspath(path)
+    files = [path] if os.path.isfile(path) else glob.glob(os.path.join(path, "**", "*.safetensors"), recursive=True)
+    for filename in files:
         try:
-            save_pretrained(self, staging, **kwargs)
-            for name in sorted(os.listdir(staging)):
-                _fsync_file(os.path.join(staging, name))
-                os.replace(os.path.join(staging, name), os.path.join(save_directory, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        _fsync_folder(os.fspath(save_directory))
-
-    return wrapper
-
-
-def explained_load_file(load_file: Callable[..., _T]) -> Callable[..., _T]:
-    """Wrap safetensors' ``load_file(filename, ...)``: an unreadable header raises :class:`CorruptAdapterFileError`."""
-
-    @functools.wraps(load_file)
-    def wrapper(filename: str | os.PathLike[str], *args: Any, **kwargs: Any) -> _T:
-        try:
-            return load_file(filename, *args, **kwargs)
+            load_file(filename)
         except SafetensorError as error:
-            if "deserializing header" not in str(error) or not _beside_a_ship_config(filename):
-                raise
             raise CorruptAdapterFileError(
-                f"{os.fspath(filename)} is truncated or corrupted: it is not a valid safetensors file ({error}). "
-                "Save the adapter again with `save_pretrained`, or, if it came from the Hugging Face Hub, download "
-                "it again with `PeftModel.from_pretrained(model, model_id, force_download=True)`."
+                f"{filename} is truncated or corrupted: it is not a valid safetensors file ({error}). Save the adapter "
+                "again with `save_pretrained`, or, if it came from the Hugging Face Hub, download it again with "
+                "`PeftModel.from_pretrained(model, model_id, force_download=True)`."
             ) from error
 
-    return wrapper
 
+def load_adapter(model: Any, path: str | os.PathLike[str], **kwargs: Any) -> Any:
+    """``PeftModel.from_pretrained(model, path, **kwargs)`` after :func:`check_adapter_files`."""
+    from peft import PeftModel
 
-def _beside_a_ship_config(filename: str | os.PathLike[str]) -> bool:
-    """Whether the ``adapter_config.json`` next to ``filename`` is a SHIP adapter's."""
-    path = os.path.join(os.path.dirname(os.fspath(filename)), "adapter_config.json")
-    try:
-        with open(path) as handle:
-            return json.load(handle).get("peft_type") == ShipPeftType.SHIP.value
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _wrap(owner: Any, name: str, make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
-    current = getattr(owner, name)
-    if getattr(inspect.unwrap(current, stop=lambda f: hasattr(f, WRAPPED_MARK)), WRAPPED_MARK, False):
-        return  # already wrapped by us (possibly under someone else's wrapper)
-    wrapper = make_wrapper(current)
-    setattr(wrapper, WRAPPED_MARK, True)
-    setattr(owner, name, wrapper)
-
-
-def install() -> None:
-    """Wrap PEFT's adapter writers and its safetensors reader as described above (idempotent)."""
-    import peft.config
-    import peft.peft_model
-    import peft.utils.save_and_load
-
-    _wrap(peft.peft_model, "safe_save_file", atomic_save_file)
-    _wrap(peft.config.PeftConfigMixin, "save_pretrained", atomic_config_save)
-    _wrap(peft.utils.save_and_load, "safe_load_file", explained_load_file)
+    check_adapter_files(path)
+    return PeftModel.from_pretrained(model, path, **kwargs)

@@ -1,18 +1,16 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""``save_pretrained`` replaces each adapter file atomically: a failing or interrupted save leaves the old file."""
+"""``ship_peft.safe_io.save_adapter`` replaces each adapter file atomically: a failing or interrupted save leaves the
+old file; ``load_adapter`` names a damaged file. Nothing of PEFT is replaced: ``save_pretrained`` stays PEFT's own."""
 
 from __future__ import annotations
 
 import builtins
 import errno
-import inspect
 import os
 import stat
 from pathlib import Path
 
 import peft.config
-import peft.peft_model
-import peft.utils.save_and_load
 import pytest
 import safetensors.torch
 import torch
@@ -54,7 +52,7 @@ def assert_holds(folder: Path, tensors: dict[str, torch.Tensor]) -> None:
 def first_save(tmp_path):
     """A folder holding a saved adapter; returns the model, the folder, its tensors and its files' bytes."""
     model = tiny_ship_model()
-    model.save_pretrained(tmp_path)
+    safe_io.save_adapter(model, tmp_path)
     files = {name: (tmp_path / name).read_bytes() for name in (WEIGHTS, CONFIG)}
     return model, tmp_path, adapter_tensors(model), files
 
@@ -73,10 +71,10 @@ def test_failing_weights_write_keeps_the_previous_adapter(first_save, monkeypatc
 
     monkeypatch.setattr(safetensors.torch, "serialize_file", write_half_then_fail)
     with pytest.raises(type(failure)):
-        model.save_pretrained(folder)
+        safe_io.save_adapter(model, folder)
     monkeypatch.undo()
 
-    assert written and Path(written[0]).name != WEIGHTS  # the writer was handed a temporary file
+    assert written and Path(written[0]).parent != folder  # the writer wrote into a temporary folder
     assert (folder / WEIGHTS).read_bytes() == files[WEIGHTS]
     assert (folder / CONFIG).read_bytes() == files[CONFIG]
     assert leftovers(folder) == []
@@ -90,7 +88,7 @@ def test_failing_weights_write_into_a_new_folder_leaves_no_file(tmp_path, monkey
 
     monkeypatch.setattr(safetensors.torch, "serialize_file", fail)
     with pytest.raises(OSError, match="Input/output error"):
-        tiny_ship_model().save_pretrained(tmp_path)
+        safe_io.save_adapter(tiny_ship_model(), tmp_path)
     assert not (tmp_path / WEIGHTS).exists()
     assert leftovers(tmp_path) == []
 
@@ -122,7 +120,7 @@ def test_failing_config_write_keeps_the_previous_config(first_save, monkeypatch,
     # PEFT writes the json with a plain open(); shadow the builtin inside peft.config only
     monkeypatch.setattr(peft.config, "open", open_that_fails_midway, raising=False)
     with pytest.raises(type(failure)):
-        model.save_pretrained(folder)
+        safe_io.save_adapter(model, folder)
     monkeypatch.undo()
 
     assert (folder / CONFIG).read_bytes() == files[CONFIG]
@@ -142,62 +140,31 @@ def test_normal_save_writes_the_same_files_as_peft_and_round_trips(tmp_path, mon
 
     monkeypatch.setattr(os, "replace", recording_replace)
     (tmp_path / "atomic").mkdir()
-    model.save_pretrained(tmp_path / "atomic")  # safe_serialization defaults to True
-    model.save_pretrained(tmp_path / "atomic")  # into an existing folder
+    safe_io.save_adapter(model, tmp_path / "atomic")
+    safe_io.save_adapter(model, tmp_path / "atomic")  # into an existing folder
+    model.save_pretrained(tmp_path / "plain")  # PEFT's own save: untouched by ship_peft
     monkeypatch.undo()
-    assert replaced == [WEIGHTS, CONFIG, WEIGHTS, CONFIG]  # both files went through a temporary file
-
-    # PEFT's writers, unwrapped
-    monkeypatch.setattr(peft.peft_model, "safe_save_file", inspect.unwrap(peft.peft_model.safe_save_file))
-    monkeypatch.setattr(
-        peft.config.PeftConfigMixin, "save_pretrained", inspect.unwrap(peft.config.PeftConfigMixin.save_pretrained)
-    )
-    model.save_pretrained(tmp_path / "plain")
-    monkeypatch.undo()
+    assert sorted(replaced) == sorted(["README.md", WEIGHTS, CONFIG] * 2)  # every file went through a temporary one
 
     atomic, plain = tmp_path / "atomic", tmp_path / "plain"
     assert sorted(path.name for path in atomic.iterdir()) == sorted(path.name for path in plain.iterdir())
     for path in plain.iterdir():
-        assert (atomic / path.name).read_bytes() == path.read_bytes(), path.name
+        if path.name != "README.md":  # the model card names the folder it was written to
+            assert (atomic / path.name).read_bytes() == path.read_bytes(), path.name
         assert stat.S_IMODE((atomic / path.name).stat().st_mode) == stat.S_IMODE(path.stat().st_mode), path.name
     assert_holds(atomic, adapter_tensors(model))
 
 
-def test_registration_wraps_once():
-    wrapped = {
-        "weights": (peft.peft_model, "safe_save_file", safetensors.torch.save_file),
-        "config": (peft.config.PeftConfigMixin, "save_pretrained", None),
-        "loader": (peft.utils.save_and_load, "safe_load_file", safetensors.torch.load_file),
-    }
-    before = {key: getattr(owner, name) for key, (owner, name, _) in wrapped.items()}
-    ship_peft.register()
-    safe_io.install()
-    for key, (owner, name, original) in wrapped.items():
-        current = getattr(owner, name)
-        assert current is before[key], key  # not wrapped again
-        assert getattr(current, safe_io.WRAPPED_MARK, False), key  # but wrapped
-        inner = current.__wrapped__
-        assert not hasattr(inner, safe_io.WRAPPED_MARK), key  # exactly once
-        if original is not None:
-            assert inner is original, key
-
-
-def test_other_peft_methods_save_and_load_untouched(tmp_path, monkeypatch):
-    """safe_io only changes SHIP adapters: LoRA's files are written by PEFT itself and its load errors stay PEFT's."""
-    replaced = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda src, dst: replaced.append(os.path.basename(dst)) or real_replace(src, dst))
+def test_damaged_files_are_named_by_load_adapter_and_left_to_peft_otherwise(tmp_path):
+    """``load_adapter`` names a damaged file, for any PEFT method; ``PeftModel.from_pretrained`` is PEFT's own."""
     lora = get_peft_model(tiny_vit(), LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["classifier"]))
-    lora.save_pretrained(tmp_path / "lora")
-    assert replaced == []  # written in place, as PEFT does
-    tiny_ship_model().save_pretrained(tmp_path / "ship")
-    assert sorted(replaced) == ["adapter_config.json", "adapter_model.safetensors"]
-
+    safe_io.save_adapter(lora, tmp_path / "lora")
+    safe_io.save_adapter(tiny_ship_model(), tmp_path / "ship")
     for name in ("lora", "ship"):
-        path = tmp_path / name / "adapter_model.safetensors"
+        path = tmp_path / name / WEIGHTS
         path.write_bytes(path.read_bytes()[:10])
-    with pytest.raises(SafetensorError) as info:
-        PeftModel.from_pretrained(tiny_vit(), tmp_path / "lora")
-    assert not isinstance(info.value, safe_io.CorruptAdapterFileError)
-    with pytest.raises(safe_io.CorruptAdapterFileError):
-        PeftModel.from_pretrained(tiny_vit(), tmp_path / "ship")
+        with pytest.raises(SafetensorError) as info:
+            PeftModel.from_pretrained(tiny_vit(), tmp_path / name)
+        assert not isinstance(info.value, safe_io.CorruptAdapterFileError)
+        with pytest.raises(safe_io.CorruptAdapterFileError, match="truncated or corrupted"):
+            safe_io.load_adapter(tiny_vit(), tmp_path / name)

@@ -10,7 +10,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from utils import pixels, tiny_ship_model, tiny_vit
-from ship_peft.safe_io import CorruptAdapterFileError
+from ship_peft.safe_io import CorruptAdapterFileError, load_adapter
 
 
 @pytest.mark.parametrize(
@@ -84,7 +84,7 @@ def test_truncated_or_corrupted_adapter_file(saved_adapter, damage):
     path = saved_adapter / "adapter_model.safetensors"
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(CorruptAdapterFileError) as caught:
-        PeftModel.from_pretrained(tiny_vit(), saved_adapter)
+        load_adapter(tiny_vit(), saved_adapter)
     assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, SafetensorError)
     message = str(caught.value)
     assert str(path) in message

@@ -96,7 +96,7 @@ def test_calibration_end_to_end_builds_prompts_and_persists_levels(tmp_path):
     assert result.prompt_layers == semantic_levels(expected_affinity, 0.97)
     assert len(result.prompt_layers) > 1, "pick a threshold that splits the tiny model into levels"
     assert model.peft_config["default"].prompt_layers == result.prompt_layers
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     prompts = layer.ship_prompts["default"]
     assert len(prompts.semantic_prompts) == len(result.prompt_layers)
     assert torch.equal(prompts.prototypes, result.prototypes.float())

@@ -93,5 +93,5 @@ def test_config_round_trips_through_json(tmp_path):
 def test_target_modules_as_a_string():
     model = get_peft_model(tiny_vit(), ShipConfig(num_prompts=2, prompt_layers=[0], target_modules="vit.layers"))
     assert model.peft_config["default"].target_modules == ["vit.layers"]
-    with pytest.raises(TypeError, match="not the block sequence"):
+    with pytest.raises(ValueError, match="matches none of the block sequences"):
         get_peft_model(tiny_vit(), ShipConfig(num_prompts=2, prompt_layers=[0], target_modules="vit"))

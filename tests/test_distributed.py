@@ -125,9 +125,8 @@ def test_distributed_only_rank_zero_writes_files(distributed_run):
         }, canary  # fmt: skip
         library = [write for write in record["writes"] if write not in canary]
         if rank == 0:
-            # written under a temporary name, then renamed into place (ship_peft.safe_io: atomic saves)
-            assert "os.rename adapter/adapter_model.safetensors" in library, library
-            assert "os.rename adapter/adapter_config.json" in library, library
+            # the Trainer's save_model: PEFT's own writes (its safetensors writer is Rust, unseen by audit hooks)
+            assert "open adapter/adapter_config.json" in library, library
         else:
             assert library == [], f"rank {rank} wrote files: {library}"
     assert {path.name for path in (output_dir / "adapter").iterdir()} >= {

@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Stochastic depth of the frozen blocks (SHIP_METHOD.md §7, ``ShipConfig.drop_path_rate``)."""
+"""Stochastic depth of the frozen blocks (docs/method.md §6, ``ShipConfig.drop_path_rate``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ship_peft
-from ship_peft import layer as ship_layer
+from ship_peft import functional as ship_layer
 from ship_peft.app.cli import build_parser, _resolve, OFFLINE_PRESET
 from ship_peft.app.training import SHIP_HYPERPARAMETERS
 

@@ -26,7 +26,7 @@ def test_exported_program_gives_the_model_s_logits_at_any_batch_size(config, tmp
         x = pixels(batch, seed=10 + batch)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(pixel_values=x).logits, rtol=1e-5, atol=1e-5)
-    assert ship_peft.get_ship_layer(model).frozen_static_paths == {}  # the model is left as it was
+    assert ship_peft.get_prompt_bank(model).prompt_cache._fixed == {}  # the model is left as it was
 
 
 def test_the_exported_graph_holds_the_cached_prompt_path_as_constants():
@@ -52,6 +52,6 @@ def test_onnx_file_runs_in_onnxruntime_with_the_model_s_logits(tmp_path):
 def test_exporting_several_active_adapters_is_a_clear_error():
     model = tiny_ship_model(seed=34)
     model.add_adapter("other", ship_peft.ShipConfig(num_prompts=2, prompt_layers=[0], num_attribute_layers=0))
-    ship_peft.get_ship_layer(model).set_adapter(["default", "other"])
+    ship_peft.get_prompt_bank(model).set_adapter(["default", "other"])
     with pytest.raises(ValueError, match="Export one adapter at a time"):
         export_program(model, pixels(2))

@@ -74,7 +74,7 @@ def build(seed: int = 0, depth: int = 4, attn: str = "sdpa", **config):
 
 def naive_prompts(model) -> NaivePrompts:
     """Leaf copies of the model's prompt tensors (and a copy of its prototypes)."""
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
 
     def leaf(tensor):
         return None if tensor is None else tensor.detach().clone().requires_grad_(True)
@@ -102,7 +102,7 @@ def hyper_parameters(model) -> NaiveHyperParameters:
 
 def package_tensors(model) -> dict[str, torch.Tensor]:
     """The package's trainable tensors by name: prompts and classifier."""
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
     classifier = classifier_of(model)
     tensors = {f"semantic_prompts.{g}": p for g, p in enumerate(prompts.semantic_prompts)}
     tensors.update(
@@ -270,11 +270,11 @@ def test_naive_oracle_with_zero_prompt_weight_is_the_plain_backbone():
 
 #: the parameters a SHIP model with levels [0, 2, 3] (tiny_ship_model's default) trains.
 TRAINABLE = {
-    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.0",
-    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.1",
-    "base_model.model.vit.layers.ship_prompts.default.semantic_prompts.2",
-    "base_model.model.vit.layers.ship_prompts.default.shared_prompts",
-    "base_model.model.vit.layers.ship_prompts.default.attribute_prompts",
+    "base_model.model.vit.ship.ship_prompts.default.semantic_prompts.0",
+    "base_model.model.vit.ship.ship_prompts.default.semantic_prompts.1",
+    "base_model.model.vit.ship.ship_prompts.default.semantic_prompts.2",
+    "base_model.model.vit.ship.ship_prompts.default.shared_prompts",
+    "base_model.model.vit.ship.ship_prompts.default.attribute_prompts",
     "base_model.model.classifier.modules_to_save.default.weight",
     "base_model.model.classifier.modules_to_save.default.bias",
 }
@@ -296,7 +296,7 @@ def test_gradients_reach_exactly_the_prompts_and_the_classifier():
             assert not parameter.requires_grad, name
             assert parameter.grad is None, name
     assert {name for name, p in model.named_parameters() if p.requires_grad} == expected
-    assert "base_model.model.vit.layers.ship_prompts.default.prototypes" in dict(model.named_buffers())
+    assert "base_model.model.vit.ship.ship_prompts.default.prototypes" in dict(model.named_buffers())
 
 
 def test_adamw_steps_change_only_prompts_and_classifier():

@@ -11,7 +11,7 @@ import torch
 
 import ship_peft
 from ship_peft import ShipConfig
-from ship_peft.layer import ShipLayer
+from test_shared_prompts import counting_static_runs
 
 from utils import fill_prototypes, pixels, tiny_ship_model
 
@@ -70,13 +70,11 @@ def test_each_sample_gets_its_own_adapter_and_classifier(cache):
 def test_with_the_cache_each_adapter_s_shared_path_runs_once():
     model = multi_adapter_model()
     model.enable_prompt_cache()
-    runs = []
-    original = ShipLayer._run_static_prompts
-    with mock.patch.object(ShipLayer, "_run_static_prompts", lambda *a: runs.append(a[1]) or original(*a)), torch.no_grad():
+    with counting_static_runs() as runs, torch.no_grad():
         x = pixels(len(NAMES), seed=23).double()
         model(pixel_values=x, adapter_names=NAMES)
         model(pixel_values=x, adapter_names=NAMES)
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     shared = [layer.ship_prompts[name] for name in ("small", "default", "plainish")]  # decoupled attention
     assert len(runs) == 3 and all(any(run is prompts for run in runs) for prompts in shared)
 

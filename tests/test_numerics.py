@@ -20,7 +20,7 @@ AUTOCAST_DTYPES = [pytest.param(torch.bfloat16, id="bf16"), pytest.param(torch.f
 
 
 def ship_prompts(model) -> ShipPrompts:
-    return ship_peft.get_ship_layer(model).ship_prompts["default"]
+    return ship_peft.get_prompt_bank(model).ship_prompts["default"]
 
 
 def make_extreme(prompts: ShipPrompts, scale: float, seed: int = 0) -> None:

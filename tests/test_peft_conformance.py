@@ -45,7 +45,7 @@ def test_autocast_adapter_dtype_as_lora(autocast, dtype):
     assert adapter_dtypes(lora(tiny_vit().to(dtype), autocast_adapter_dtype=autocast), "lora_") == {expected}
     model = ship(tiny_vit().to(dtype), autocast_adapter_dtype=autocast)
     assert adapter_dtypes(model, "ship_prompts") == {expected}
-    assert ship_peft.get_ship_layer(model).ship_prompts["default"].prototypes.dtype == expected
+    assert ship_peft.get_prompt_bank(model).ship_prompts["default"].prototypes.dtype == expected
 
 
 def test_float64_backbone_gets_float64_prompts_as_lora():
@@ -65,13 +65,13 @@ def test_prompts_built_by_calibration_keep_the_adapter_dtype():
 def test_delete_adapter_leaves_nothing_behind():
     model = tiny_ship_model()
     model.add_adapter("other", ShipConfig(**SHIP))
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     model.set_adapter("other")
     layer.ship_prompts["other"].prototypes.normal_()  # stands in for calibration
     model(pixel_values=pixels())
     model.set_adapter("default")
     model.delete_adapter("other")
-    assert "other" not in layer.ship_prompts and "other" not in layer._configs
+    assert "other" not in layer.ship_prompts and "other" not in layer.ship_config
     assert "other" not in layer.autocast_adapter_dtype
     with pytest.raises(ValueError, match="No SHIP adapter named 'other'"):
         ship_peft.initialize_ship_weights(model, [{"pixel_values": pixels(8)}], adapter_name="other", show_progress=False)
@@ -95,7 +95,7 @@ def test_unload_returns_the_plain_base_model_as_lora():
 
 
 def test_tuner_layer_has_in_and_out_features():
-    layer = ship_peft.get_ship_layer(ship())
+    layer = ship_peft.get_prompt_bank(ship())
     assert layer.in_features is None and layer.out_features is None
 
 
@@ -114,7 +114,7 @@ def test_mixed_adapter_batches_in_training_are_a_clear_error():
 def test_the_adapter_config_is_the_one_source_of_its_hyper_parameters():
     model = tiny_ship_model(seed=2).eval()
     config = model.peft_config["default"]
-    assert ship_peft.get_ship_layer(model).ship_prompts["default"].config is config
+    assert ship_peft.get_prompt_bank(model).ship_prompts["default"].config is config
     config.prompt_attention_weight = 0.0  # the prompts then leave the image tokens untouched
     with model.disable_adapter():
         plain = model(pixel_values=pixels()).logits

@@ -57,12 +57,12 @@ def test_save_writes_only_prompts_prototypes_and_classifier(tmp_path):
     assert config["peft_type"] == "SHIP" and config["prompt_layers"] == [0, 2, 3]
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert keys == {
-        "base_model.model.vit.layers.ship_prompts.semantic_prompts.0",
-        "base_model.model.vit.layers.ship_prompts.semantic_prompts.1",
-        "base_model.model.vit.layers.ship_prompts.semantic_prompts.2",
-        "base_model.model.vit.layers.ship_prompts.shared_prompts",
-        "base_model.model.vit.layers.ship_prompts.attribute_prompts",
-        "base_model.model.vit.layers.ship_prompts.prototypes",
+        "base_model.model.vit.ship.ship_prompts.semantic_prompts.0",
+        "base_model.model.vit.ship.ship_prompts.semantic_prompts.1",
+        "base_model.model.vit.ship.ship_prompts.semantic_prompts.2",
+        "base_model.model.vit.ship.ship_prompts.shared_prompts",
+        "base_model.model.vit.ship.ship_prompts.attribute_prompts",
+        "base_model.model.vit.ship.ship_prompts.prototypes",
         "base_model.model.classifier.weight",
         "base_model.model.classifier.bias",
     }
@@ -127,7 +127,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         calls = []
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            for layer in model.get_base_model().vit.layers.blocks:
+            for layer in ship_peft.get_prompt_bank(model).base_blocks():
                 checkpoint = layer._gradient_checkpointing_func
                 layer._gradient_checkpointing_func = lambda *a, f=checkpoint: calls.append(1) or f(*a)
         model(pixel_values=pixels(), labels=LABELS).loss.backward()
@@ -150,7 +150,7 @@ def test_bf16_autocast_trains_without_nan():
 def test_trainer_trains_prompts_and_head_only(tmp_path):
     model = tiny_ship_model(seed=6)
     before = backbone_state(model)
-    prompts_before = model.get_base_model().vit.layers.ship_prompts["default"].shared_prompts.detach().clone()
+    prompts_before = model.get_base_model().vit.ship.ship_prompts["default"].shared_prompts.detach().clone()
     data = Dataset.from_dict({"pixel_values": pixels(16, seed=7).numpy(), "labels": [i % 3 for i in range(16)]})
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=8, num_train_epochs=2, learning_rate=1e-2,
@@ -162,7 +162,7 @@ def test_trainer_trains_prompts_and_head_only(tmp_path):
     assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
     after = backbone_state(model)
     assert all(torch.equal(before[name], after[name]) for name in before)
-    assert not torch.equal(prompts_before, model.get_base_model().vit.layers.ship_prompts["default"].shared_prompts)
+    assert not torch.equal(prompts_before, model.get_base_model().vit.ship.ship_prompts["default"].shared_prompts)
 
 
 def test_unload_restores_the_plain_backbone_and_merge_is_a_clear_error():
@@ -198,7 +198,7 @@ def test_low_cpu_mem_usage_loading_and_delete_adapter(tmp_path):
     assert torch.equal(reloaded(pixel_values=pixels()).logits, model(pixel_values=pixels()).logits)
     model.add_adapter("extra", ShipConfig(num_prompts=2, prompt_layers=[0, 1], num_attribute_layers=0))
     model.delete_adapter("extra")
-    assert list(model.get_base_model().vit.layers.ship_prompts) == ["default"] and list(model.peft_config) == ["default"]
+    assert list(model.get_base_model().vit.ship.ship_prompts) == ["default"] and list(model.peft_config) == ["default"]
 
 
 def test_inject_adapter_in_model_from_a_state_dict():
@@ -207,7 +207,8 @@ def test_inject_adapter_in_model_from_a_state_dict():
     model = tiny_ship_model(seed=10)
     state_dict = {k.removeprefix("base_model.model."): v for k, v in get_peft_model_state_dict(model).items()}
     injected = inject_adapter_in_model(model.peft_config["default"], tiny_vit(seed=10), state_dict=state_dict)
-    assert isinstance(injected.vit.layers, ship_peft.ShipLayer)
+    assert all(isinstance(block, ship_peft.ShipBlock) for block in injected.vit.layers)
+    assert isinstance(injected.vit.ship, ship_peft.ShipPromptBank)
 
 
 def test_feature_extraction_path_for_users_of_a_bare_vit_model():

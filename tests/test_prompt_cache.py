@@ -33,27 +33,27 @@ def test_cached_logits_equal_the_full_method(config):
 
 def test_cache_is_used_and_rebuilt_after_an_optimizer_step():
     model = tiny_ship_model(seed=13)
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     model.enable_prompt_cache()
     model.eval()
     model(pixel_values=pixels())
-    (cache,) = layer._prompt_cache.values()
+    (cache,) = layer.prompt_cache._memo.values()
     model(pixel_values=pixels())
-    assert next(iter(layer._prompt_cache.values())) is cache  # reused
+    assert next(iter(layer.prompt_cache._memo.values())) is cache  # reused
 
     model.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
     outputs = model(pixel_values=pixels(), labels=LABELS)
-    assert next(iter(layer._prompt_cache.values())) is cache  # training does not touch the eval memo
+    assert next(iter(layer.prompt_cache._memo.values())) is cache  # training does not touch the eval memo
     outputs.loss.backward()
     optimizer.step()
 
     model.eval()
     cached = model(pixel_values=pixels()).logits
-    assert next(iter(layer._prompt_cache.values())) is not cache
+    assert next(iter(layer.prompt_cache._memo.values())) is not cache
     model.disable_prompt_cache()
     torch.testing.assert_close(cached, model(pixel_values=pixels()).logits, rtol=1e-5, atol=1e-5)
-    assert layer._prompt_cache == {}
+    assert layer.prompt_cache._memo == {}
 
 
 def test_cache_needs_decoupled_attention():

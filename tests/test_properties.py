@@ -132,7 +132,7 @@ def test_forward_shapes_and_gradients_reach_exactly_the_trainable_parameters(set
             assert torch.isfinite(parameter.grad).all(), name
         else:
             assert parameter.grad is None, f"frozen {name} got a gradient"
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
     assert "prototypes" not in dict(prompts.named_parameters())
     assert ("prototypes" in dict(prompts.named_buffers())) == bool(model.peft_config["default"].attribute_layers())
     # the gradients are real, not zeros: the classifier and the prompts of every level are used
@@ -191,7 +191,7 @@ def test_calibration_finds_valid_levels_and_the_forward_runs(setup):
     if setup.ship["share_threshold"] == 1.0:
         assert levels == list(range(setup.depth))  # every layer its own level (cosine <= 1 up to rounding)
     assert result.affinity.shape == (setup.depth, setup.depth)
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
     assert len(prompts.semantic_prompts) == len(levels)
     if model.peft_config["default"].attribute_layers():
         assert result.prototypes.shape == (setup.ship["num_prototypes"], setup.vit["hidden_size"])

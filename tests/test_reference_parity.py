@@ -64,7 +64,7 @@ def build_model(case: str, dtype: torch.dtype):
     backbone = {name: value for name, value in tensors.items() if name.startswith(("vit.", "classifier."))}
     vit.load_state_dict(backbone, strict=True)
     model = get_peft_model(vit, ship_config(case)).to(dtype)
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
     with torch.no_grad():
         for level, semantic in enumerate(prompts.semantic_prompts):
             semantic.copy_(tensors[f"ship.sip.{level}"])
@@ -82,8 +82,8 @@ def gradients(model) -> dict[str, torch.Tensor]:
         if not parameter.requires_grad:
             continue
         short = name.removeprefix("base_model.model.")
-        if short.startswith("vit.layers.ship_prompts.default."):
-            short = short.removeprefix("vit.layers.ship_prompts.default.")
+        if short.startswith("vit.ship.ship_prompts.default."):
+            short = short.removeprefix("vit.ship.ship_prompts.default.")
             if short == "attribute_prompts":
                 grads.update({f"ship.ap.{k}": grad for k, grad in enumerate(parameter.grad)})
                 continue

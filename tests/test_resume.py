@@ -94,7 +94,7 @@ def test_resumed_training_ends_with_the_adapter_of_an_uninterrupted_run(tmp_path
     assert trainer.state.global_step == stop
     checkpoint = tmp_path / "b" / f"checkpoint-{stop}"
     saved = load_file(checkpoint / "adapter_model.safetensors")
-    assert "base_model.model.vit.layers.ship_prompts.prototypes" in saved
+    assert "base_model.model.vit.ship.ship_prompts.prototypes" in saved
 
     resumed = ship_model(init_seed=2)  # nothing of its own adapter may survive the resume
     before = adapter_state(resumed)
@@ -148,7 +148,7 @@ def test_resume_restores_calibrated_levels_and_prototypes(tmp_path):
         resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3")
     )
     expected, found = adapter_state(uninterrupted), adapter_state(resumed)
-    name = "base_model.model.vit.layers.ship_prompts.default.prototypes"
+    name = "base_model.model.vit.ship.ship_prompts.default.prototypes"
     assert not torch.allclose(before[name], expected[name], atol=1e-3)
     for name in expected:
         torch.testing.assert_close(found[name], expected[name], rtol=0, atol=1e-6, msg=name)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ship_peft
-from ship_peft.layer import ShipLayer
+from ship_peft.layer import ShipBlock, ShipPromptBank
 
 from utils import pixels, tiny_ship_model
 
@@ -31,16 +31,23 @@ CONFIGS = {
 @contextlib.contextmanager
 def per_sample_path():
     """Every sample carries its own copy of the semantic and shared prompts (the method as written)."""
-    with mock.patch.object(ShipLayer, "_shares_prompts", lambda self, prompts: False):
+    with mock.patch.object(ShipPromptBank, "shares_prompts", lambda self, prompts, training: False):
         yield
 
 
 @contextlib.contextmanager
 def counting_static_runs():
-    """Counts the runs of the shared path (``ShipLayer._run_static_prompts``)."""
+    """Counts the runs of the shared path: its first step (``ShipBlock._advance_shared_path`` in block 0) when it is
+    computed, not read from the cache; each run records the adapter's prompts."""
     runs = []
-    original = ShipLayer._run_static_prompts
-    with mock.patch.object(ShipLayer, "_run_static_prompts", lambda *a: runs.append(1) or original(*a)):
+    original = ShipBlock._advance_shared_path
+
+    def counting(block, group, *args):
+        if block.layer_index == 0 and group.cached_path is None:
+            runs.append(group.prompts)
+        return original(block, group, *args)
+
+    with mock.patch.object(ShipBlock, "_advance_shared_path", counting):
         yield runs
 
 
@@ -113,10 +120,10 @@ def test_eval_equals_the_per_sample_path(cache):
 def mlp_token_counts(model) -> list[tuple[int, int]]:
     """``(batch, tokens)`` of every call of every block's MLP during one training step."""
     calls = []
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     handles = [
         block.mlp.register_forward_hook(lambda module, inputs, output: calls.append(tuple(inputs[0].shape[:2])))
-        for block in layer.blocks
+        for block in layer.base_blocks()
     ]
     try:
         train_step(model, pixels(5, seed=1))
@@ -195,9 +202,10 @@ def test_every_transformers_family_shares_the_static_prompts(name):
     def step(m):
         m.train()
         m.zero_grad(set_to_none=True)
-        outputs = m(pixel_values=x)
+        with ship_peft.record_matching_loss() as call:
+            outputs = m(pixel_values=x)
         logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        loss = logits.square().mean() + m.base_model.last_matching_loss
+        loss = logits.square().mean() + call.matching_loss
         loss.backward()
         grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
         return {"logits": logits.detach(), "loss": loss.detach(), **grads}

@@ -27,6 +27,7 @@ from peft import PeftModel
 
 from .. import __version__
 from ..export import export_onnx, export_program
+from ..safe_io import load_adapter, save_adapter
 from ..assets import BUNDLED_BACKBONE, resolve_model_path
 from ..calibration import collect_cls_features, layer_affinity, semantic_levels
 from ..config import ShipConfig
@@ -439,7 +440,7 @@ def _processor(model_path: str, adapter: Optional[str] = None) -> Any:
 
 def _inference_model(adapter: str, model_path: str, label_names: list[str]) -> PeftModel:
     """A saved adapter on its backbone, in eval mode, with the prompt cache where it applies (docs/method.md §5)."""
-    model = PeftModel.from_pretrained(load_backbone(model_path, label_names), adapter).eval()
+    model = load_adapter(load_backbone(model_path, label_names), adapter).eval()
     if model.peft_config["default"].decoupled_attention:
         model.enable_prompt_cache()
     return model
@@ -604,7 +605,7 @@ def _describe(data: ImageClassificationData) -> str:
 def _save_adapter(ship: TrainedMethod, processor: Any, card: AdapterCard, folder: Path) -> Path:
     """The folder that ``--push-to-hub`` uploads: the adapter, the image processor, the model's ``config.json``
     (its label names, ``id2label``, for ``transformers.pipeline`` and ``evaluate``) and the model card."""
-    ship.model.save_pretrained(folder, save_embedding_layers=False)  # SHIP never changes embeddings; no Hub lookup
+    save_adapter(ship.model, folder, save_embedding_layers=False)  # SHIP never changes embeddings; no Hub lookup
     ship.model.get_base_model().config.save_pretrained(folder)
     processor.save_pretrained(folder)
     write_model_card(folder, card)
@@ -942,7 +943,7 @@ def command_vtab1k(args: argparse.Namespace) -> int:
     if distributed_state().is_main_process:
         results = Path(args.results) if args.results else Path(args.output_dir) / "results.jsonl"
         append_row(results, row)
-        final.model.save_pretrained(output_dir / "adapter", save_embedding_layers=False)
+        save_adapter(final.model, output_dir / "adapter", save_embedding_layers=False)
         say(
             f"\n{task.name}: top-1 {row['top1']:.4f} on {row['num_test']} test images with {row['selected']}; "
             f"levels {row['prompt_layers']}. Row added to {results}."

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+import importlib.metadata
 from typing import Optional
 
 from torch import nn
@@ -13,12 +14,11 @@ from .clip import CLIPBackbone
 from .dinov2 import Dinov2Backbone
 from .vit import ViTBackbone
 
-HAS_TIMM = importlib.util.find_spec("timm") is not None
+#: The transformers families; timm's join when a timm model is given (:func:`timm_families`).
 FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, CLIPBackbone]
-if HAS_TIMM:
-    from .timm_vit import TimmViTBackbone
 
-    FAMILIES.append(TimmViTBackbone)
+#: The oldest timm whose VisionTransformer SHIP supports.
+TIMM_MINIMUM = (1, 0)
 
 #: Vision Transformers SHIP cannot run exactly, by class name, and why.
 UNSUPPORTED: dict[str, str] = {
@@ -36,17 +36,32 @@ UNSUPPORTED: dict[str, str] = {
     ),
 }
 
-TIMM_HINT = "" if HAS_TIMM else " (timm VisionTransformer: `pip install ship-peft[timm]`)"
+TIMM_NAME = "timm VisionTransformer with a class token (`pip install ship-peft[timm]`)"
 
 
 def supported_families() -> str:
     """The supported families, for error messages."""
-    return "; ".join(family.name for family in FAMILIES) + TIMM_HINT
+    return "; ".join(family.name for family in FAMILIES) + "; " + TIMM_NAME
+
+
+@functools.cache
+def timm_families() -> list[type[Backbone]]:
+    """The timm families, imported now (timm is imported only for a timm model); a clear error for an old timm."""
+    version = importlib.metadata.version("timm")
+    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < TIMM_MINIMUM:
+        raise ImportError(
+            f"SHIP supports timm >= {'.'.join(map(str, TIMM_MINIMUM))}, but timm {version} is installed: "
+            f'`pip install -U "timm>={".".join(map(str, TIMM_MINIMUM))}"` (or `pip install "ship-peft[timm]"`).'
+        )
+    from .timm_vit import TimmViTBackbone
+
+    return [TimmViTBackbone]
 
 
 def family_of(host: nn.Module) -> Optional[type[Backbone]]:
     """The family whose block sequence ``host`` holds, or None."""
-    return next((family for family in FAMILIES if isinstance(host, family.host_types)), None)
+    families = FAMILIES + (timm_families() if type(host).__module__.startswith("timm.") else [])
+    return next((family for family in families if isinstance(host, family.host_types)), None)
 
 
 def find_hosts(model: nn.Module) -> list[tuple[str, nn.Module, type[Backbone]]]:

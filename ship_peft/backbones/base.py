@@ -1,8 +1,8 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """The backbone seam: what SHIP needs to know about one family of pre-norm Vision Transformers.
 
-SHIP wraps a family's *block sequence* (transformers' ``layers`` list, timm's ``blocks``) and runs every block
-itself, with prompt tokens appended after the image tokens. Everything before the blocks (patch embedding, CLS,
+SHIP wraps every block of a family's *block sequence* (transformers' ``layers`` list, timm's ``blocks``) and runs
+the block's parts itself, with prompt tokens appended after the image tokens. Everything before the blocks (patch embedding, CLS,
 distillation and register tokens, position embedding, any pre-norm) and after them (final norm, pooler, head) stays
 the host model's own code, so the ``N`` image-side tokens are whatever the host hands to its first block, with the
 CLS token first. A family only says how to run the pieces of one block on any set of tokens; see
@@ -46,12 +46,6 @@ class Backbone:
         """Why this host of the family cannot run SHIP exactly (None: it can)."""
         return None
 
-    def attach(self, host: nn.Module, ship_layer: nn.Module) -> None:
-        """Called once the block sequence of ``host`` is wrapped (timm hands its gradient checkpointing over here)."""
-
-    def detach(self, host: nn.Module, ship_layer: nn.Module) -> None:
-        """Undo :meth:`attach` when the adapter is unloaded."""
-
     def is_stochastic(self, block: nn.Module) -> bool:
         """Whether ``block`` draws random numbers in training (dropout or stochastic depth with a rate above 0).
 
@@ -60,15 +54,11 @@ class Backbone:
         """
         return any(_random_rate(module) > 0 for module in block.modules())
 
-    def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
-        """The checkpoint function when the backbone asks for gradient checkpointing, else None."""
-        raise NotImplementedError
-
-    def run_blocks(self, ship_layer: nn.Module, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """The block sequence as the host runs it (adapters disabled)."""
-        for block in ship_layer.blocks:
-            hidden_states = block(hidden_states, *args, **kwargs)
-        return hidden_states
+    def checkpoint_function(self, block: nn.Module) -> Optional[Callable]:
+        """The function that checkpoints SHIP's work in ``block`` when the host asked for gradient checkpointing,
+        else None (also where the host checkpoints its block calls itself, as timm does: SHIP's block is then
+        recomputed as a whole)."""
+        return None
 
     def image_format(self, host: nn.Module) -> tuple[int, Optional[tuple[int, int]]]:
         """Input checks: the channels the host takes and its image size (None: any size)."""
@@ -133,9 +123,11 @@ class TransformersBackbone(Backbone):
     def _part(self, block: nn.Module, path: Optional[str]) -> Callable[[torch.Tensor], torch.Tensor]:
         return block.get_submodule(path) if path else _identity
 
-    def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
-        first = ship_layer.blocks[0]
-        return first._gradient_checkpointing_func if getattr(first, "gradient_checkpointing", False) else None
+    def checkpoint_function(self, block: nn.Module) -> Optional[Callable]:
+        # transformers' blocks checkpoint themselves (GradientCheckpointingLayer); SHIP runs the block's parts in its
+        # place, so it applies the function `gradient_checkpointing_enable` gave the block, with the call's tensors
+        # as explicit arguments (reentrant checkpointing then works too).
+        return block._gradient_checkpointing_func if getattr(block, "gradient_checkpointing", False) else None
 
     def hidden_size(self, block: nn.Module) -> int:
         return block.get_submodule(self.norm1_path).normalized_shape[0]

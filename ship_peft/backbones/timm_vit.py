@@ -1,20 +1,20 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """timm ``VisionTransformer`` with a class token (ViT, DeiT, DINOv2, CLIP weights): fused qkv, q/k norm, layer scale.
 
-timm is optional (``pip install ship-peft[timm]``); this module is imported only when timm is installed.
+timm is optional (``pip install ship-peft[timm]``); this module, and so timm, is imported only when a timm model is
+given. timm's own gradient checkpointing (``set_grad_checkpointing``) checkpoints each SHIP block's call as a whole,
+non-reentrant by default; the recomputation reads what the forward read (``ship_peft/call.py``).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models._manipulate import checkpoint_seq
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .base import Backbone, split_heads
 
@@ -41,34 +41,6 @@ class TimmViTBackbone(Backbone):
             if block.attn.gate is not None:
                 return "its attention is gated, which SHIP does not model"
         return None
-
-    def attach(self, host: nn.Module, ship_layer: nn.Module) -> None:
-        # timm checkpoints `host.blocks` with `checkpoint_seq`, which would run SHIP's blocks as one segment: SHIP
-        # takes the flag over and checkpoints block by block itself.
-        ship_layer.gradient_checkpointing_enabled = host.grad_checkpointing
-        host.grad_checkpointing = False
-        original = type(host).set_grad_checkpointing
-
-        def set_grad_checkpointing(enable: bool = True) -> None:
-            original(host, enable)
-            host.grad_checkpointing = False
-            ship_layer.gradient_checkpointing_enabled = enable
-
-        host.set_grad_checkpointing = set_grad_checkpointing
-
-    def detach(self, host: nn.Module, ship_layer: nn.Module) -> None:
-        host.__dict__.pop("set_grad_checkpointing", None)
-        host.grad_checkpointing = ship_layer.gradient_checkpointing_enabled
-
-    def gradient_checkpointing(self, ship_layer: nn.Module) -> Optional[Callable]:
-        if not getattr(ship_layer, "gradient_checkpointing_enabled", False):
-            return None
-        return lambda function, *args: checkpoint(function, *args, use_reentrant=False)
-
-    def run_blocks(self, ship_layer, hidden_states, *args, **kwargs):
-        if ship_layer.training and getattr(ship_layer, "gradient_checkpointing_enabled", False) and not args and not kwargs:
-            return checkpoint_seq(ship_layer.blocks, hidden_states)
-        return super().run_blocks(ship_layer, hidden_states, *args, **kwargs)
 
     def image_format(self, host):
         patch_embed = host.patch_embed

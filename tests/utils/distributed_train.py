@@ -72,7 +72,7 @@ def calibrate(shard: torch.Tensor) -> dict:
     model = get_peft_model(tiny_vit(seed=3), ship_peft.ShipConfig(**CALIBRATION_CONFIG))
     loader = DataLoader([{"pixel_values": image} for image in shard], batch_size=5)
     result = ship_peft.initialize_ship_weights(model, loader, show_progress=False)
-    prompts = ship_peft.get_ship_layer(model).ship_prompts["default"]
+    prompts = ship_peft.get_prompt_bank(model).ship_prompts["default"]
     return {
         "prompt_layers": list(result.prompt_layers),
         "config_prompt_layers": list(model.peft_config["default"].prompt_layers),

@@ -40,7 +40,7 @@ def tiny_vit(seed: int = 0, **overrides) -> ViTForImageClassification:
 def fill_prototypes(model, seed: int = 0) -> None:
     """Give every SHIP adapter of ``model`` random prototypes (stands in for calibration)."""
     generator = torch.Generator().manual_seed(seed)
-    layer = ship_peft.get_ship_layer(model)
+    layer = ship_peft.get_prompt_bank(model)
     for prompts in layer.ship_prompts.values():
         if prompts.prototypes is not None:
             prompts.prototypes.copy_(torch.randn(prompts.prototypes.shape, generator=generator))

@@ -1,0 +1,169 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""The math of one SHIP block (``docs/method.md`` §2-§4), as plain functions of tensors and a backbone seam.
+
+Nothing here holds state: :class:`~ship_peft.layer.ShipBlock` calls these with one block of the host and the
+tensors of the running call.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbones import Backbone
+
+#: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
+COSINE_EPS = 1e-8
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a [B, n, D]`` with every row of ``b [.., m, D]`` -> ``[B, n, m]``.
+
+    Zero vectors give 0, never NaN.
+    """
+    eps = max(COSINE_EPS, torch.finfo(a.dtype).tiny)  # 1e-8 is 0 in float16
+    return F.normalize(a, dim=-1, eps=eps) @ F.normalize(b, dim=-1, eps=eps).transpose(-1, -2)
+
+
+def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` rows of ``tokens [B, N, D]`` with the highest ``scores [B, N]``, best first -> ``[B, k, D]``."""
+    index = scores.topk(min(k, scores.shape[-1]), dim=-1).indices
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def prompt_matching_loss(prompt_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """docs/method.md §4: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
+    return (1.0 - cosine(prompt_tokens, image_tokens)).amin(dim=-1).mean()
+
+
+def leading(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """The first ``length`` entries of ``tensor`` along ``dim``; the tensor itself when that is all of it, so that
+    autograd records no slice (whose backward writes the gradient into a zero-filled copy)."""
+    return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
+
+
+def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
+    """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
+    scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
+    if rate == 0.0:
+        return branch
+    keep = 1.0 - rate
+    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
+    return branch * mask.div_(keep)
+
+
+def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Pre-softmax attention scores of the CLS query over ``key``, averaged over heads: ``[B, H, N, d]`` -> ``[B, N]``.
+
+    Only the CLS row is computed (``[B, H, 1, N]``), never the ``N x N`` matrix.
+    """
+    return (query[:, :, :1] @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
+
+
+def residual_update(
+    backbone: Backbone, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
+) -> torch.Tensor:
+    """The rest of a pre-norm block after attention: ``y = x + branch_attn(a)``, ``out = y + branch_mlp(y)``, with
+    SHIP's stochastic depth ``drop_rate`` on both residual branches."""
+    tokens = tokens + drop_path(backbone.attention_branch(block, attended), drop_rate)
+    return tokens + drop_path(backbone.mlp_branch(block, tokens), drop_rate)
+
+
+def block_forward(
+    backbone: Backbone,
+    block: nn.Module,
+    tokens: torch.Tensor,
+    static_key: Optional[torch.Tensor] = None,
+    static_value: Optional[torch.Tensor] = None,
+    *,
+    num_image_tokens: int,
+    decoupled: bool,
+    prompt_weight: float,
+    prompt_attention: bool,
+    need_scores: bool,
+    keep: int,
+    drop_rate: float = 0.0,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
+    stochastic depth ``drop_rate`` (§6). ``static_key`` / ``static_value`` ``[1, H, P, d]`` are the shared path's
+    prompt keys and values, attended by every sample's image queries.
+
+    Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the CLS
+    query's pre-softmax scores over the image keys.
+    """
+    normed = backbone.norm1(block, tokens)
+    static = None if static_key is None else (static_key, static_value)
+    attended, scores = attention(
+        backbone, block, normed, num_image_tokens, decoupled, prompt_weight, prompt_attention, need_scores, static
+    )
+    return residual_update(backbone, block, leading(tokens, keep, 1), leading(attended, keep, 1), drop_rate), scores
+
+
+def attention(
+    backbone: Backbone,
+    block: nn.Module,
+    normed: torch.Tensor,
+    num_image_tokens: int,
+    decoupled: bool,
+    prompt_weight: float,
+    prompt_attention: bool,
+    need_scores: bool,
+    static: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
+    asked. ``static`` holds the shared path's prompt keys and values ``[1, H, P_static, d]``, which join the
+    sample's own prompt keys."""
+    queries_all = prompt_attention or not decoupled
+    query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
+    key, value = backbone.key_value(block, normed)
+    image_query = leading(query, num_image_tokens, 2)
+    image_key, prompt_key = leading(key, num_image_tokens, 2), key[:, :, num_image_tokens:]
+    image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
+    scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
+
+    if not decoupled:
+        return backbone.attend(block, query, key, value), scores
+
+    # (1 - lambda) * image attention + lambda * prompt attention
+    image_output = torch.lerp(
+        backbone.attend(block, image_query, image_key, image_value),
+        attend_prompts(backbone, block, image_query, prompt_key, prompt_value, static),
+        prompt_weight,
+    )
+    if normed.shape[1] == num_image_tokens:
+        return image_output, scores
+    if prompt_attention:
+        prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
+    else:
+        prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
+    return torch.cat([image_output, prompt_output], dim=1), scores
+
+
+def attend_prompts(
+    backbone: Backbone,
+    block: nn.Module,
+    image_query: torch.Tensor,
+    prompt_key: torch.Tensor,
+    prompt_value: torch.Tensor,
+    static: Optional[tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """The image queries' softmax over the prompt keys: the sample's own and the shared path's, ``[B, N, H*d]``.
+
+    Shared keys alone are attended by all samples at once: the batch folds into the query rows (a view), so no
+    sample gets a copy of them. Next to per-sample attribute-prompt keys they are broadcast into one key set per
+    sample, as one softmax needs.
+    """
+    if static is None:
+        return backbone.attend(block, image_query, prompt_key, prompt_value)
+    static_key, static_value = static
+    batch_size, num_heads, num_queries, head_dim = image_query.shape
+    if prompt_key.shape[2] == 0:
+        folded = image_query.transpose(1, 2).reshape(1, batch_size * num_queries, num_heads, head_dim)
+        attended = backbone.attend(block, folded.transpose(1, 2), static_key, static_value)
+        return attended.view(batch_size, num_queries, -1)
+    key = torch.cat([static_key.expand(batch_size, -1, -1, -1), prompt_key], dim=2)
+    value = torch.cat([static_value.expand(batch_size, -1, -1, -1), prompt_value], dim=2)
+    return backbone.attend(block, image_query, key, value)
