@@ -347,7 +347,8 @@ class ShipModel(BaseTuner):
         check_block_arguments((), {"attention_mask": kwargs.get("attention_mask")})  # the host may drop it silently
         bank = get_prompt_bank(self.model)
         adapter_names = kwargs.get("adapter_names")
-        host, _ = resolve_blocks(self.model, self.peft_config[self.active_adapters[0]].target_modules[0])
+        blocks_name = self.peft_config[self.active_adapters[0]].target_modules[0]
+        host = self.model.get_submodule(blocks_name.removesuffix(bank.backbone.blocks_path).rstrip("."))
         pixel_values = kwargs.get("pixel_values", args[0] if args else None)
         if adapter_names is not None:
             adapter_names = list(adapter_names)

@@ -36,6 +36,7 @@ class TimmViTBackbone(Backbone):
         if host.attn_pool is not None:
             return "it pools with attention (`global_pool='map'`), which reads the prompt-free tokens SHIP does not model"
         for block in host.blocks:
+            block = getattr(block, "base_layer", block)  # a SHIP block wraps it once an adapter is added
             if type(block) is not Block or type(block.attn) is not Attention:
                 return f"its blocks are {type(block).__name__} / {type(block.attn).__name__}, not timm's pre-norm Block / Attention"
             if block.attn.gate is not None:
