@@ -247,6 +247,7 @@ class ShipModel(BaseTuner):
         bank = getattr(host, BANK_NAME, None)
         if bank is None:
             host.add_module(BANK_NAME, ShipPromptBank(blocks, family(), adapter_name, config))
+            rename_unsplit_module(self.model, type(blocks[0]).__name__, ShipBlock.__name__)
             return getattr(host, BANK_NAME)
         if not isinstance(bank, ShipPromptBank):
             raise TypeError(f"{type(host).__name__} already has an attribute {BANK_NAME!r}, where SHIP keeps its prompts.")
@@ -270,6 +271,8 @@ class ShipModel(BaseTuner):
         no prompt bank, the trained classifier in place of its ``ModulesToSaveWrapper``, no ``peft_config``."""
         if merge:
             get_prompt_bank(self.model).merge()  # raises: prompts are tokens, not weight deltas
+        for bank in prompt_banks(self.model):
+            rename_unsplit_module(self.model, ShipBlock.__name__, type(bank.base_blocks()[0]).__name__)
         wrapped = [(name, module) for name, module in self.model.named_modules() if isinstance(module, UNLOADED)]
         for name, module in wrapped:
             parent_name, _, child_name = name.rpartition(".")
@@ -435,6 +438,16 @@ class ShipModel(BaseTuner):
         values = dict(output, classification_loss=output.loss, matching_loss=matching_loss)
         values["loss"] = output.loss + weighted
         return with_ship_losses(type(output))(**values)
+
+
+def rename_unsplit_module(model: nn.Module, old: str, new: str) -> None:
+    """Name ``new`` instead of ``old`` in the ``_no_split_modules`` that transformers keeps on each of ``model``'s
+    ``PreTrainedModel`` instances: Accelerate's and the Trainer's FSDP route wrap the classes named there, and a SHIP
+    block must be sharded as one unit with the host block it runs (it reads that block's weights in its own call)."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if isinstance(names, (set, list)) and old in names:
+            module._no_split_modules = type(names)(new if name == old else name for name in names)
 
 
 #: What ``unload()`` takes out of the model: SHIP's modules and PEFT's trained-classifier wrappers.

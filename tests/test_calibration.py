@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Calibration (SHIP_METHOD.md §3): affinity, greedy levels, k-means prototypes, and their errors."""
+"""Calibration (docs/method.md §1): affinity, greedy levels, k-means prototypes, and their errors."""
 
 import json
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ship_peft import ShipConfig
 from ship_peft.app import cli
 from ship_peft.calibration import semantic_levels
 from ship_peft.app.cli import OFFLINE_PRESET, build_parser, main
@@ -166,7 +167,9 @@ def test_offline_default_uses_its_printed_preset_and_flags_win():
     assert cli._resolve(given, ["num_prompts"], OFFLINE_PRESET) == {"num_prompts": 7}
     assert cli._settings(given, OFFLINE_PRESET).epochs == 1
     user = parser.parse_args(["train", "--model", "google/vit-base-patch16-224-in21k"])
-    assert cli._resolve(user, ["num_prompts", "share_threshold"], {}) == {"num_prompts": 50, "share_threshold": 0.95}
+    library = ShipConfig()  # a real backbone gets the library's defaults (tests/test_config.py pins them)
+    expected = {"num_prompts": library.num_prompts, "share_threshold": library.share_threshold}
+    assert cli._resolve(user, ["num_prompts", "share_threshold"], {}) == expected
     assert cli._settings(user, {}).epochs == 100 and cli._settings(user, {}).warmup_epochs == 10
     assert (
         parser.parse_args(["train", "--no-decoupled-attention", "--prompt-layers", "0", "4"]).decoupled_attention
@@ -206,7 +209,9 @@ def test_every_method_hyperparameter_has_a_flag_with_the_method_default(capsys):
         "--push-to-hub",
     ):
         assert flag in text
-    assert "(default: 50; offline default: 10)" in text and "(default: 0.95; offline default: 0.8)" in text
+    library = ShipConfig()
+    assert f"(default: {library.num_prompts}; offline default: {OFFLINE_PRESET['num_prompts']})" in text
+    assert f"(default: {library.share_threshold}; offline default: {OFFLINE_PRESET['share_threshold']})" in text
 
 
 def test_train_push_to_hub_pushes_the_saved_folder(tiny, tmp_path, monkeypatch):

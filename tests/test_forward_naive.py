@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""The package's SHIP forward pass, losses and gradients against a naive re-implementation of SHIP_METHOD.md §4-§5
+"""The package's SHIP forward pass, losses and gradients against a naive re-implementation of docs/method.md §2-§4
 (``tests/utils/naive_ship.py``), in float64, over many configurations; plus: only prompts and classifier are trained."""
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ EVAL_CASES = [
     ("depth_6", False),
     ("one_level_0", False),
     ("eager", False),
-    # the inference prompt cache (SHIP_METHOD.md §6, opt-in) must give the same logits
+    # the inference prompt cache (docs/method.md §5, opt-in) must give the same logits
     ("default_levels_0_2_3", True),
     ("depth_6", True),
     ("no_shared_prompts", True),

@@ -94,9 +94,13 @@ def test_unload_returns_the_plain_base_model_as_lora():
     torch.testing.assert_close(plain.eval()(pixel_values=pixels()).logits, tiny_vit().eval()(pixel_values=pixels()).logits)
 
 
-def test_tuner_layer_has_in_and_out_features():
-    layer = ship_peft.get_prompt_bank(ship())
-    assert layer.in_features is None and layer.out_features is None
+def test_peft_s_status_reports_read_ship_s_layers_as_lora_s():
+    model = ship()
+    names = {status.name for status in model.get_layer_status()}
+    assert {f"model.vit.layers.{i}" for i in range(4)} | {"model.vit.ship"} <= names
+    status = model.get_model_status()
+    assert status.available_adapters == ["default"] and status.requires_grad == {"default": True}
+    assert status.peft_types == {"default": "SHIP"} and status.devices == {"default": ["cpu"]}
 
 
 def test_unmerge_of_a_never_merged_model_warns_as_lora():

@@ -12,6 +12,7 @@ import pytest
 from peft import LoraConfig
 
 from ship_peft import ShipConfig, presets
+from ship_peft.app.errors import InputError
 from ship_peft.app.training import method_config
 
 
@@ -61,8 +62,12 @@ def test_lora_linear_full_and_unknown():
 
 
 def test_training_builds_its_methods_from_the_presets():
-    expected = presets.adapter_config("vpt-deep", num_layers=4, num_prompts=7)
-    assert method_config("vpt-deep", {"num_prompts": 7}, num_layers=4).to_dict() == expected.to_dict()
+    config = method_config("vpt-deep", {"num_prompts": 7}, num_layers=4)
+    assert config.prompt_layers == [0, 1, 2, 3] and config.num_prompts == 7  # a level per layer, K prompts each
+    assert (config.num_shared_prompts, config.num_attribute_layers, config.matching_loss_weight) == (0, 0, 0.0)
+    assert config.decoupled_attention is False
+    with pytest.raises(InputError, match="share_threshold"):  # the preset's own check, as the CLI's error
+        method_config("ship", {"share_threshold": 2.0}, num_layers=4)
 
 
 def test_speed_benchmark_builds_its_methods_from_the_presets():

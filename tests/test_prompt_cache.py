@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""The inference prompt cache (SHIP_METHOD.md §6): same logits as the full method, rebuilt on any change."""
+"""The inference prompt cache (docs/method.md §5): same logits as the full method, rebuilt on any change."""
 
 import pytest
 import ship_peft

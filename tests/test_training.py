@@ -10,6 +10,7 @@ import torch
 import transformers
 from transformers import ResNetConfig
 
+from ship_peft import ShipConfig
 from ship_peft.app import training
 from ship_peft.app.data import choose_splits, load_image_processor, standardize, with_pixels
 from ship_peft.app.errors import InputError
@@ -44,7 +45,7 @@ def test_vpt_deep_and_linear_are_the_documented_ablations():
     )
     assert vpt.num_prompts == 7
     ship = method_config("ship", {"num_prompts": 7}, num_layers=4)
-    assert ship.prompt_layers is None and ship.share_threshold == 0.95 and ship.decoupled_attention
+    assert ship.prompt_layers is None and ship.share_threshold == ShipConfig().share_threshold and ship.decoupled_attention
     assert method_config("linear", {}, num_layers=4) is None
     with pytest.raises(InputError, match="Unknown method 'lora'; choose from ship, vpt-deep, linear"):
         method_config("lora", {}, num_layers=4)
@@ -98,7 +99,7 @@ def test_calibration_sample_is_random_not_the_first_images():
 
 
 def test_schedule_warms_up_from_1e6_then_decays_to_the_minimum(tmp_path):
-    """SHIP_METHOD.md §7: cosine schedule with 10 warm-up epochs from 1e-6 (of 100), min lr 1e-5; 10 steps an epoch."""
+    """docs/method.md §6: cosine schedule with 10 warm-up epochs from 1e-6 (of 100), min lr 1e-5; 10 steps an epoch."""
     arguments = training.training_arguments(TrainSettings(learning_rate=0.1), tmp_path, evaluate_each_epoch=False)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=arguments.learning_rate)
     total = 1000

@@ -176,3 +176,18 @@ def test_lora_on_the_same_model_behaves_alike():
     copy.deepcopy(lora)
     pickle.loads(pickle.dumps(lora))
     assert len(lora.base_model.model.vit.layers) == 4
+
+
+def test_fsdp_s_default_route_wraps_ship_blocks_as_units():
+    """Accelerate and the Trainer shard the classes in the model's ``_no_split_modules`` (read through the
+    PeftModel): the SHIP block, which runs its host block's parts, must be the unit, not the host block inside it."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    model = tiny_ship_model()
+    assert "ShipBlock" in model._no_split_modules and "ViTLayer" not in model._no_split_modules
+    policy = fsdp_auto_wrap_policy(model)
+    block = model.base_model.model.vit.layers[0]
+    assert policy(block, recurse=False, nonwrapped_numel=0)
+    assert not policy(block.base_layer, recurse=False, nonwrapped_numel=0)
+    plain = model.unload()
+    assert "ViTLayer" in plain._no_split_modules and "ShipBlock" not in plain._no_split_modules

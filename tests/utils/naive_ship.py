@@ -1,5 +1,5 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""A deliberately naive SHIP forward pass (SHIP_METHOD.md §4-§5), the test oracle of ``test_forward_naive.py``.
+"""A deliberately naive SHIP forward pass (docs/method.md §2-§4), the test oracle of ``test_forward_naive.py``.
 
 It is written from the method text alone and imports nothing from ``ship_peft``: it only reads the weights of a plain
 transformers ``ViTForImageClassification`` (embeddings, every layer's two LayerNorms, q/k/v/o projections and MLP,
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: eps of every cosine similarity (SHIP_METHOD.md §4).
+#: eps of every cosine similarity (docs/method.md §2 and §4).
 COSINE_EPS = 1e-8
 
 
@@ -41,7 +41,7 @@ class NaivePrompts:
 
 @dataclass
 class NaiveHyperParameters:
-    """SHIP's hyper-parameters (names as in SHIP_METHOD.md)."""
+    """SHIP's hyper-parameters (names as in docs/method.md)."""
 
     prompt_layers: list[int]
     num_attribute_layers: int = 2  # A_lv
@@ -90,7 +90,7 @@ class NaiveOutput:
 
 
 def attribute_layer_indices(prompt_layers: list[int], num_attribute_layers: int) -> list[int]:
-    """The last ``num_attribute_layers`` level starts that are > 0 (SHIP_METHOD.md §2)."""
+    """The last ``num_attribute_layers`` level starts that are > 0 (docs/method.md §2)."""
     starts_after_zero = [layer for layer in prompt_layers if layer > 0]
     if num_attribute_layers == 0:
         return []
@@ -186,7 +186,7 @@ def ship_layer(
     decoupled: bool,
     is_last: bool,
 ) -> tuple[Tensor, Tensor]:
-    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (SHIP_METHOD.md §4).
+    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (docs/method.md §3).
 
     Returns the layer output ``[B, N + P, D]`` and the CLS query's pre-softmax scores over the ``N`` image keys,
     averaged over heads, ``[B, N]``.
@@ -238,7 +238,7 @@ def attribute_prompts(top: Tensor, prototypes: Tensor, parameter: Tensor, beta: 
 
 
 def matching_loss(prompt_outputs: Tensor, top_image: Tensor) -> Tensor:
-    """``mean_{b, p} min_t (1 - cos(Z_p, V_t))`` (SHIP_METHOD.md §5)."""
+    """``mean_{b, p} min_t (1 - cos(Z_p, V_t))`` (docs/method.md §4)."""
     cos = F.cosine_similarity(prompt_outputs.unsqueeze(2), top_image.unsqueeze(1), dim=-1, eps=COSINE_EPS)
     return (1 - cos).min(dim=-1).values.mean()
 
@@ -252,7 +252,7 @@ def prompts_entering(
     attribute_tokens: Optional[Tensor],
     batch_size: int,
 ) -> Tensor:
-    """The prompt tokens ``P`` entering layer ``layer_index`` (SHIP_METHOD.md §4)."""
+    """The prompt tokens ``P`` entering layer ``layer_index`` (docs/method.md §2)."""
     num_shared = 0 if prompts.shared_prompts is None else prompts.shared_prompts.shape[0]
     if layer_index in level_starts:  # a level starts (always the case at layer 0): fresh SIP (+ AP)
         level = level_starts.index(layer_index)
@@ -272,7 +272,7 @@ def naive_ship_encoder(
     training: bool, choices: list[TopKChoice],
 ) -> tuple[Tensor, Optional[Tensor]]:
     """SHIP through the blocks ``parts`` from the image tokens ``x``: the last block's image tokens and, in training,
-    the matching loss (SHIP_METHOD.md §4-§5)."""
+    the matching loss (docs/method.md §2-§4)."""
     assert hyper.prompt_layers[0] == 0
     attribute_layers = (
         attribute_layer_indices(hyper.prompt_layers, hyper.num_attribute_layers)
