@@ -191,3 +191,25 @@ def test_fsdp_s_default_route_wraps_ship_blocks_as_units():
     assert not policy(block.base_layer, recurse=False, nonwrapped_numel=0)
     plain = model.unload()
     assert "ViTLayer" in plain._no_split_modules and "ShipBlock" not in plain._no_split_modules
+
+
+@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_registers", "clip", "vit_bare"])
+def test_every_family_keeps_its_block_list_and_deep_copies_after_a_training_step(name):
+    from test_backbones import outputs_of, plain_model, ship_on
+
+    plain = plain_model(name)
+    model = ship_on(plain).train()
+    blocks = model.base_model.model.get_submodule(model.peft_config["default"].target_modules[0])
+    plain_blocks = plain.get_submodule(model.peft_config["default"].target_modules[0])
+    assert len(blocks) == len(plain_blocks) and all(isinstance(block, ShipBlock) for block in blocks)
+    seen = []
+    handle = blocks[-1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    with ship_peft.record_matching_loss() as call:
+        first = outputs_of(model(pixels()))[0]
+    (first.square().mean() + call.matching_loss).backward()
+    handle.remove()
+    assert seen and seen[0][1] == plain(pixels(), output_hidden_states=True).hidden_states[-1].shape[1]  # image tokens
+    clone = copy.deepcopy(model).eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(outputs_of(clone(pixels()))[0], outputs_of(model(pixels()))[0])

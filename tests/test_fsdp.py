@@ -1,0 +1,20 @@
+# Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
+"""FSDP2 shards a SHIP model by its blocks: each SHIP block reads its host block's weights inside its own call, so
+a sharded training step gives the unsharded loss and gradients (2 CPU processes, gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent / "utils" / "fsdp_step.py"
+
+
+def test_fsdp2_sharded_step_equals_the_unsharded_step():
+    environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert sorted(line for line in result.stdout.splitlines() if line.startswith("OK")) == ["OK 0", "OK 1"]
