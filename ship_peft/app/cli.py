@@ -57,6 +57,7 @@ from .training import (
     calibration_loader,
     calibration_sample,
     distributed_state,
+    end_distributed,
     evaluation_trainer,
     last_logged,
     load_backbone,
@@ -965,7 +966,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         # PEFT 0.21 still calls transformers 5's deprecated gradient-checkpointing names: nothing for a user to fix
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
         try:
-            return args.handler(args)
+            status = args.handler(args)
         except InputError as error:
             print(f"ship-peft {args.command}: error: {error}", file=sys.stderr)
             return 2
+    end_distributed()
+    return status

@@ -190,6 +190,14 @@ def cpu_processes() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
+def end_distributed() -> None:
+    """Under ``torchrun``, once a command succeeded: wait for every process (the main one may still be writing), then
+    close the process group, so that no process exits while another still talks to it (gloo aborts at exit then)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def distributed_state() -> PartialState:
     """This process's place among the launched processes (one process: the only, main one)."""
     return PartialState(cpu=cpu_processes())
