@@ -16,6 +16,7 @@ Methods (``--methods``; all share the backbone's random weights, the batch and t
                  loss), levels given (``--prompt-layers``), random prototypes;
 * ``ship_cache`` SHIP with ``enable_prompt_cache()``: eval only (training always runs the full method = ``ship``);
 * ``ship_ckpt``  SHIP with gradient checkpointing (extra row: what the memory target costs in time);
+* ``ship_drop``  SHIP with the recipe's stochastic depth (``drop_path_rate=0.1``, ``docs/method.md`` §6);
 * ``lora``       PEFT LoRA r=8, alpha=16 on q_proj and v_proj, head trained;
 * ``full``       full fine-tuning.
 

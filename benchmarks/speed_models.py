@@ -42,6 +42,7 @@ METHODS: dict[str, str] = {
     "ship": "SHIP (default)",
     "ship_cache": "SHIP + inference cache",
     "ship_ckpt": "SHIP + gradient checkpointing",
+    "ship_drop": "SHIP + stochastic depth 0.1 (the recipe)",
     "lora": "LoRA r=8 (q, v) + head",
     "full": "full fine-tuning",
 }
@@ -84,6 +85,7 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
 
     import ship_peft
     from ship_peft import presets
+    from ship_peft.app.training import RECIPE_SHIP_VALUES
 
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
@@ -102,13 +104,14 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
     elif method == "vpt_deep":  # as many prompt tokens per layer as SHIP carries: K + S
         vpt_prompts = settings.num_prompts + settings.num_shared_prompts
         model = get_peft_model(vit, presets.adapter_config("vpt-deep", settings.num_layers, num_prompts=vpt_prompts))
-    else:  # ship, ship_cache, ship_ckpt
+    else:  # ship, ship_cache, ship_ckpt, ship_drop
         config = presets.adapter_config(
             "ship",
             settings.num_layers,
             num_prompts=settings.num_prompts,
             num_shared_prompts=settings.num_shared_prompts,
             prompt_layers=list(settings.prompt_layers),
+            drop_path_rate=RECIPE_SHIP_VALUES["drop_path_rate"] if method == "ship_drop" else 0.0,
         )
         model = get_peft_model(vit, config)
         generator = torch.Generator().manual_seed(settings.seed)

@@ -61,6 +61,10 @@ TARGETS = (
         ("vit-b16",),
     ),
     Target("ship_vs_floor_grad_train", "SHIP training step vs the deep-prompt floor", "ship", "train_step_s", "floor_grad", None),
+    # issue 18: the paper's recipe (stochastic depth 0.1) at the speed of the shared prompt path
+    Target("drop_vs_ship_train", "SHIP + stochastic depth 0.1 vs SHIP, training step", "ship_drop", "train_step_s", "ship", 1.25, ("tiny",)),
+    Target("drop_vs_ship_train_b16", "SHIP + stochastic depth 0.1 vs SHIP, training step", "ship_drop", "train_step_s", "ship", 1.08, ("vit-b16",)),
+    Target("drop_vs_lora_train", "SHIP + stochastic depth 0.1 vs LoRA r=8, training step", "ship_drop", "train_step_s", "lora", None),
 )
 
 

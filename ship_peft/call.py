@@ -122,10 +122,12 @@ class GroupState:
         want_matching: whether the last block computes the matching loss.
         cached_path: the memoised keys and values of the shared path, one pair per layer (eval prompt cache hit).
         collected_path: where this pass collects them for the cache (eval prompt cache miss), else None.
-        carried: the shared path's semantic-prompt outputs entering the next layer ``[1, K, D]``.
+        carried: the shared path's semantic-prompt outputs entering the next layer ``[1 or groups, K, D]``.
         semantic: per-sample path: each sample's semantic-prompt outputs entering the next layer ``[B, K, D]``.
         attribute: each sample's attribute-prompt outputs entering the next layer ``[B, A, D]``.
         top_tokens: the previous layer's top-ranked image tokens, for the next attribute prompts ``[B, A, D]``.
+        drops: SHIP's stochastic depth of this pass, per layer (training with ``drop_path_rate > 0``); on the shared
+            path ``carried`` then holds one row per history group.
         matching_loss: set by the last block in training.
     """
 
@@ -141,6 +143,7 @@ class GroupState:
     semantic: Optional[torch.Tensor] = None
     attribute: Optional[torch.Tensor] = None
     top_tokens: Optional[torch.Tensor] = None
+    drops: Optional[list] = None
     matching_loss: Optional[torch.Tensor] = None
 
 

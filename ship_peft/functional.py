@@ -14,9 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Backbone
+from .stochastic_depth import BranchScales
 
 #: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
 COSINE_EPS = 1e-8
+
+#: No stochastic depth: both branches added as they are.
+NO_DROPS = BranchScales()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -45,14 +49,12 @@ def leading(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return tensor if tensor.shape[dim] == length else tensor.narrow(dim, 0, length)
 
 
-def drop_path(branch: torch.Tensor, rate: float) -> torch.Tensor:
-    """Stochastic depth (timm's ``DropPath``): zero a residual branch for a random ``rate`` share of the samples and
-    scale it by ``1 / (1 - rate)`` for the others (``rate`` 0: the branch as it is)."""
-    if rate == 0.0:
+def drop_path(branch: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Tensor:
+    """Stochastic depth with drawn masks (:mod:`ship_peft.stochastic_depth`): each row of the residual ``branch``
+    times its scale ``[n]``, 0 (dropped) or ``1 / (1 - rate)`` (kept); None: the branch as it is."""
+    if scales is None:
         return branch
-    keep = 1.0 - rate
-    mask = branch.new_empty((branch.shape[0],) + (1,) * (branch.ndim - 1)).bernoulli_(keep)
-    return branch * mask.div_(keep)
+    return branch * scales.to(branch.dtype).view(-1, *(1,) * (branch.ndim - 1))
 
 
 def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -64,12 +66,12 @@ def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.
 
 
 def residual_update(
-    backbone: Backbone, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drop_rate: float = 0.0
+    backbone: Backbone, block: nn.Module, tokens: torch.Tensor, attended: torch.Tensor, drops: BranchScales = NO_DROPS
 ) -> torch.Tensor:
     """The rest of a pre-norm block after attention: ``y = x + branch_attn(a)``, ``out = y + branch_mlp(y)``, with
-    SHIP's stochastic depth ``drop_rate`` on both residual branches."""
-    tokens = tokens + drop_path(backbone.attention_branch(block, attended), drop_rate)
-    return tokens + drop_path(backbone.mlp_branch(block, tokens), drop_rate)
+    SHIP's stochastic depth ``drops`` (each row's scale of each branch)."""
+    tokens = tokens + drop_path(backbone.attention_branch(block, attended), drops.attention)
+    return tokens + drop_path(backbone.mlp_branch(block, tokens), drops.mlp)
 
 
 def block_forward(
@@ -85,11 +87,12 @@ def block_forward(
     prompt_attention: bool,
     need_scores: bool,
     keep: int,
-    drop_rate: float = 0.0,
+    drops: BranchScales = NO_DROPS,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
-    stochastic depth ``drop_rate`` (§6). ``static_key`` / ``static_value`` ``[1, H, P, d]`` are the shared path's
-    prompt keys and values, attended by every sample's image queries.
+    stochastic depth ``drops`` (§6: each sample's scale of each branch). ``static_key`` / ``static_value`` are the
+    shared path's prompt keys and values attended by the image queries: ``[1, H, P, d]`` for every sample, or
+    ``[B, H, P, d]``, each sample's history group's (stochastic depth).
 
     Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the CLS
     query's pre-softmax scores over the image keys.
@@ -99,7 +102,7 @@ def block_forward(
     attended, scores = attention(
         backbone, block, normed, num_image_tokens, decoupled, prompt_weight, prompt_attention, need_scores, static
     )
-    return residual_update(backbone, block, leading(tokens, keep, 1), leading(attended, keep, 1), drop_rate), scores
+    return residual_update(backbone, block, leading(tokens, keep, 1), leading(attended, keep, 1), drops), scores
 
 
 def attention(
@@ -114,7 +117,7 @@ def attention(
     static: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
-    asked. ``static`` holds the shared path's prompt keys and values ``[1, H, P_static, d]``, which join the
+    asked. ``static`` holds the shared path's prompt keys and values ``[1 or B, H, P_static, d]``, which join the
     sample's own prompt keys."""
     queries_all = prompt_attention or not decoupled
     query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
@@ -152,18 +155,20 @@ def attend_prompts(
 ) -> torch.Tensor:
     """The image queries' softmax over the prompt keys: the sample's own and the shared path's, ``[B, N, H*d]``.
 
-    Shared keys alone are attended by all samples at once: the batch folds into the query rows (a view), so no
-    sample gets a copy of them. Next to per-sample attribute-prompt keys they are broadcast into one key set per
-    sample, as one softmax needs.
+    Keys shared by the whole batch, alone, are attended by all samples at once: the batch folds into the query rows
+    (a view), so no sample gets a copy of them. Otherwise they are broadcast into one key set per sample, next to the
+    sample's attribute-prompt keys, as one softmax needs.
     """
     if static is None:
         return backbone.attend(block, image_query, prompt_key, prompt_value)
     static_key, static_value = static
     batch_size, num_heads, num_queries, head_dim = image_query.shape
-    if prompt_key.shape[2] == 0:
+    if prompt_key.shape[2] == 0 and static_key.shape[0] == 1:
         folded = image_query.transpose(1, 2).reshape(1, batch_size * num_queries, num_heads, head_dim)
         attended = backbone.attend(block, folded.transpose(1, 2), static_key, static_value)
         return attended.view(batch_size, num_queries, -1)
+    if prompt_key.shape[2] == 0:
+        return backbone.attend(block, image_query, static_key, static_value)
     key = torch.cat([static_key.expand(batch_size, -1, -1, -1), prompt_key], dim=2)
     value = torch.cat([static_value.expand(batch_size, -1, -1, -1), prompt_value], dim=2)
     return backbone.attend(block, image_query, key, value)

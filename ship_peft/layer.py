@@ -36,8 +36,17 @@ from .call import (
 )
 from .compat import run_forward_hooks
 from .config import ShipConfig
-from .functional import block_forward, cosine, gather_top_tokens, leading, prompt_matching_loss, residual_update
+from .functional import (
+    NO_DROPS,
+    block_forward,
+    cosine,
+    gather_top_tokens,
+    leading,
+    prompt_matching_loss,
+    residual_update,
+)
 from .prompt_cache import PromptCache
+from .stochastic_depth import LayerDrops, draw_drops
 
 #: PEFT's name for "no adapter" in ``adapter_names`` (mixed-adapter batches).
 BASE_ADAPTER = "__base__"
@@ -238,15 +247,14 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
         """Whether the semantic and shared prompts take the same path for every sample, so that it runs once.
 
         With decoupled attention they never read the image before the last layer (they bypass attention), so their
-        path is the same for all samples, unless training draws random numbers per sample on it: SHIP's stochastic
-        depth or the backbone's own dropout or stochastic depth. Then each sample runs its own copy, as the method
-        is written.
+        path is the same for all samples, up to SHIP's stochastic depth: that runs the path once per history group
+        (:mod:`ship_peft.stochastic_depth`). Random numbers the backbone's own modules draw per sample on the path
+        (its dropout or stochastic depth, in training) cannot be grouped: then each sample runs its own copy, as the
+        method is written.
         """
         if not prompts.config.decoupled_attention:
             return False
-        if not training:
-            return True
-        return prompts.config.drop_path_rate == 0 and not any(map(self.backbone.is_stochastic, self.base_blocks()))
+        return not training or not any(map(self.backbone.is_stochastic, self.base_blocks()))
 
     def start_group(self, name: str, rows: Optional[torch.Tensor], image_tokens: torch.Tensor) -> GroupState:
         """The state of adapter ``name``'s samples at the start of a pass, with its memoised shared path if any."""
@@ -255,6 +263,9 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
         prompts = self.prompts_of(name)
         group = GroupState(name, rows, prompts, shared=self.shares_prompts(prompts, self.training))
         group.want_matching = self.training and prompts.config.matching_loss_weight > 0
+        if self.training and prompts.config.drop_path_rate > 0:
+            batch_size = image_tokens.shape[0] if rows is None else rows.shape[0]
+            group.drops = draw_drops(self.drop_rates(prompts), batch_size, prompts.prompt_layers, image_tokens.device)
         if group.shared and not self.training:
             cache = self.prompt_cache
             if cache.enabled and not torch.compiler.is_compiling():
@@ -264,6 +275,11 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
             if group.cached_path is None and group.cache_key is not None:
                 group.collected_path = []
         return group
+
+    def drop_rates(self, prompts: ShipPrompts) -> list[float]:
+        """SHIP's stochastic depth per layer: ``drop_path_rate * i / (L - 1)`` for layer ``i`` (``docs/method.md`` §6)."""
+        last = max(self.num_layers - 1, 1)
+        return [prompts.config.drop_path_rate * index / last for index in range(self.num_layers)]
 
     def finish_group(self, group: GroupState) -> None:
         """At the end of a pass: memoise the shared path the group collected."""
@@ -401,8 +417,9 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         batch_size, num_image_tokens, _ = image_tokens.shape
         prompt_attention = last and group.want_matching  # prompt outputs feed only the matching loss
         attribute = prompts.attribute_tokens(index, group.attribute, group.top_tokens)
+        drops = None if group.drops is None else group.drops[index]
         if group.shared:
-            static_tokens, static_key_value = self._advance_shared_path(group, image_tokens, prompt_attention)
+            static_tokens, static_key_value = self._advance_shared_path(group, image_tokens, prompt_attention, drops)
         else:
             static_key_value = ()
             static_tokens = prompts.static_prompts(index, group.semantic, image_tokens.dtype)
@@ -423,7 +440,7 @@ class ShipBlock(nn.Module, ShipTunerLayer):
             prompt_attention=prompt_attention,
             need_scores=(index + 1) in prompts.attribute_layers or prompt_attention,
             keep=keep,
-            drop_rate=config.drop_path_rate * index / max(self.bank.num_layers - 1, 1) if self.training else 0.0,
+            drops=NO_DROPS if drops is None else drops.samples,
         )
         checkpoint = self._checkpoint_function()
         tokens, scores = checkpoint(step, tokens, *static_key_value) if checkpoint else step(tokens, *static_key_value)
@@ -439,23 +456,24 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         return image_output
 
     def _advance_shared_path(
-        self, group: GroupState, image_tokens: torch.Tensor, prompt_attention: bool
+        self, group: GroupState, image_tokens: torch.Tensor, prompt_attention: bool, drops: Optional[LayerDrops]
     ) -> tuple[Optional[torch.Tensor], tuple[torch.Tensor, ...]]:
-        """The shared path's step through this block, at batch size 1 (``docs/method.md`` §3 and §5: the prompts
-        bypass attention, ``a_p = LN1(p)``).
+        """The shared path's step through this block, at batch size 1, or once per history group under SHIP's
+        stochastic depth ``drops`` (``docs/method.md`` §3 and §5: the prompts bypass attention, ``a_p = LN1(p)``).
 
         Returns the static prompts to append to every sample's tokens (only where their outputs are read: the last
-        layer with the matching loss), else their keys and values for the samples to attend to. Only work whose
-        result is used is done: the rest of the block runs only for the semantic prompts that flow on to the next
-        layer (shared-prompt outputs are replaced by fresh ones at every layer, and a level's outputs are dropped
-        where the next level starts).
+        layer with the matching loss), else their keys and values for the samples to attend to (``[1, ...]`` for
+        all, or each sample's group's). Only work whose result is used is done: the rest of the block runs only for
+        the semantic prompts that flow on to the next layer (shared-prompt outputs are replaced by fresh ones at
+        every layer, and a level's outputs are dropped where the next level starts).
         """
         index, prompts = self.layer_index, group.prompts
         if group.cached_path is not None:
             return None, group.cached_path[index]
-        tokens = prompts.static_prompts(index, group.carried, image_tokens.dtype)
+        members = None if drops is None else drops.members
+        tokens = prompts.static_prompts(index, group.carried, image_tokens.dtype)  # [groups, K + S, D]
         if prompt_attention:
-            return tokens.expand(image_tokens.shape[0], -1, -1), ()
+            return _of_samples(tokens, members).expand(image_tokens.shape[0], -1, -1), ()
         backbone, block = self.bank.backbone, self.base_layer
         normed = backbone.norm1(block, tokens)
         key_value = backbone.key_value(block, normed)
@@ -463,8 +481,17 @@ class ShipBlock(nn.Module, ShipTunerLayer):
             group.collected_path.append(key_value)
         if index < self.bank.num_layers - 1 and prompts.carries_to(index + 1):
             semantic = tokens.shape[1] - prompts.config.num_shared_prompts
-            group.carried = residual_update(backbone, block, tokens[:, :semantic], normed[:, :semantic])
-        return None, key_value
+            group.carried = self._carry(tokens[:, :semantic], normed[:, :semantic], drops)
+        return None, tuple(_of_samples(tensor, members) for tensor in key_value)
+
+    def _carry(self, tokens: torch.Tensor, normed: torch.Tensor, drops: Optional[LayerDrops]) -> torch.Tensor:
+        """The semantic prompts' outputs of the shared path, per group leaving this block: a group splits where its
+        samples dropped different branches here."""
+        if drops is None:
+            return residual_update(self.bank.backbone, self.base_layer, tokens, normed)
+        if drops.parents is not None:
+            tokens, normed = tokens.index_select(0, drops.parents), normed.index_select(0, drops.parents)
+        return residual_update(self.bank.backbone, self.base_layer, tokens, normed, drops.groups)
 
     def _checkpoint_function(self):
         """The host's checkpoint function for this block in a training forward with gradients, else None."""
@@ -474,6 +501,12 @@ class ShipBlock(nn.Module, ShipTunerLayer):
 
     def __repr__(self) -> str:
         return "ship." + super().__repr__()
+
+
+def _of_samples(tensor: torch.Tensor, members: Optional[torch.Tensor]) -> torch.Tensor:
+    """The shared path's ``tensor`` for the samples: as it is when one group holds them all (``members`` None), else
+    each sample's group's row."""
+    return tensor if members is None else tensor.index_select(0, members)
 
 
 def prompt_banks(model: nn.Module) -> list[ShipPromptBank]:

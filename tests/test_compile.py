@@ -57,11 +57,17 @@ def forward_backward(model, train: bool):
     return outputs.loss.detach(), outputs.logits.detach(), [parameter.grad.clone() for parameter in trainable]
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_compiled_model_gives_the_eager_loss_and_gradients(mode):
-    model = tiny_ship_model(seed=2).train(mode == "train")
+@pytest.mark.parametrize(
+    "mode, config", [("train", {}), ("eval", {}), ("train", {"drop_path_rate": 0.5})], ids=["train", "eval", "drop-path"]
+)
+def test_compiled_model_gives_the_eager_loss_and_gradients(mode, config):
+    """Stochastic depth draws its masks on the host, outside the graph (one graph break at the first block), from
+    torch's generator: the same seed gives the same masks compiled and eager."""
+    model = tiny_ship_model(seed=2, **config).train(mode == "train")
     torch._dynamo.reset()
+    torch.manual_seed(0)
     eager = forward_backward(model, mode == "train")
+    torch.manual_seed(0)
     compiled = forward_backward(torch.compile(model, backend="aot_eager"), mode == "train")
     torch.testing.assert_close(compiled[0], eager[0])
     torch.testing.assert_close(compiled[1], eager[1])
@@ -91,10 +97,12 @@ def test_value_checks_are_device_asserts_off_cpu(inputs, message):
     assert any(__import__("re").search(message, text) for text in calls)
 
 
-def test_a_training_forward_reads_no_tensor_value_on_the_host():
+@pytest.mark.parametrize("config", [{}, {"drop_path_rate": 0.3}], ids=["default", "stochastic-depth"])
+def test_a_training_forward_reads_no_tensor_value_on_the_host(config):
     """Every value check of a training forward is an asynchronous assert: nothing calls ``item``/``bool`` on a tensor
-    (on a GPU each would wait for the device), the prototype check included."""
-    model = tiny_ship_model(seed=4).train()
+    (on a GPU each would wait for the device), the prototype check included; stochastic depth groups the samples by
+    masks drawn on the host."""
+    model = tiny_ship_model(seed=4, **config).train()
     reads = []
 
     def record(name):

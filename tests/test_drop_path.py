@@ -10,35 +10,40 @@ import ship_peft
 from ship_peft import functional as ship_layer
 from ship_peft.app.cli import build_parser, _resolve, OFFLINE_PRESET
 from ship_peft.app.training import SHIP_HYPERPARAMETERS
+from ship_peft.stochastic_depth import BranchScales, draw_drops
 
 from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 0])
 
 
-def test_drop_path_zeroes_whole_samples_and_keeps_the_expectation():
+def test_each_branch_is_dropped_per_sample_with_its_rate_and_kept_ones_keep_the_expectation():
     torch.manual_seed(0)
-    branch = torch.randn(1, 5, 3).expand(20000, 5, 3)
-    dropped = ship_layer.drop_path(branch, 0.3)
-    zero = (dropped == 0).flatten(1)
-    assert torch.equal(zero.all(dim=1), zero.any(dim=1))  # a sample is dropped whole or not at all
-    assert zero.all(dim=1).float().mean().item() == pytest.approx(0.3, abs=0.015)
-    kept = dropped[~zero.all(dim=1)]
-    torch.testing.assert_close(kept, branch[: len(kept)] / 0.7)
-    assert ship_layer.drop_path(branch, 0.0) is branch
+    drops = draw_drops([0.0, 0.3], 20000, [0], "cpu")
+    assert drops[0].samples == BranchScales()  # rate 0: nothing dropped, the branches added as they are
+    attention, mlp = drops[1].samples.attention, drops[1].samples.mlp
+    for scales in (attention, mlp):
+        assert set(scales.unique().tolist()) == {0.0, 1 / 0.7}
+        assert (scales == 0).double().mean().item() == pytest.approx(0.3, abs=0.015)
+    both = ((attention == 0) & (mlp == 0)).double().mean().item()
+    assert both == pytest.approx(0.09, abs=0.01)  # the two branches are drawn separately
+    branch = torch.randn(1, 5, 3).expand(4, 5, 3)
+    scaled = ship_layer.drop_path(branch, torch.tensor([0.0, 2.0, 0.0, 2.0], dtype=torch.float64))
+    assert scaled.dtype == branch.dtype and torch.equal(scaled[0], torch.zeros(5, 3))
+    torch.testing.assert_close(scaled[1], branch[1] * 2)
+    assert ship_layer.drop_path(branch, None) is branch
 
 
 def test_layer_rates_grow_linearly_with_depth_in_training_only(monkeypatch):
     rates = []
-    real = ship_layer.drop_path
-    monkeypatch.setattr(ship_layer, "drop_path", lambda branch, rate: rates.append(rate) or real(branch, rate))
+    real = ship_peft.layer.draw_drops
+    monkeypatch.setattr(ship_peft.layer, "draw_drops", lambda r, *args: rates.append(list(r)) or real(r, *args))
     model = tiny_ship_model(drop_path_rate=0.3).train()
     model(pixel_values=pixels(), labels=LABELS)
-    expected = [0.0, 0.1, 0.2, 0.3]  # 4 layers: linspace(0, 0.3, 4), as timm
-    assert rates == pytest.approx([rate for rate in expected for _ in range(2)])  # attention and MLP branches
+    assert rates == [pytest.approx([0.0, 0.1, 0.2, 0.3])]  # 4 layers: linspace(0, 0.3, 4), as timm; one draw
     rates.clear()
     model.eval()(pixel_values=pixels())
-    assert rates and set(rates) == {0.0}
+    assert rates == []
 
 
 def test_evaluation_ignores_drop_path():

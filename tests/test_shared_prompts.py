@@ -5,14 +5,19 @@ in inference, and give the same logits, losses and gradients as every sample car
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
+from transformers import Dinov2ForImageClassification
 
 import ship_peft
 from ship_peft.layer import ShipBlock, ShipPromptBank
+from ship_peft.stochastic_depth import plan_drops
 
+from test_backbones import dinov2_config, plain_model, ship_on
 from utils import pixels, tiny_ship_model
 
 LABELS = torch.tensor([0, 1, 2, 1, 0])
@@ -69,6 +74,19 @@ def assert_same(shared: dict, per_sample: dict, **tolerance) -> None:
     assert shared.keys() == per_sample.keys()
     for name in shared:
         torch.testing.assert_close(shared[name], per_sample[name], msg=lambda m, n=name: f"{n}: {m}", **tolerance)
+
+
+def step_with_recorded_loss(model, x) -> dict[str, torch.Tensor]:
+    """One training step of any SHIP model on ``x`` (a stand-in loss on the logits, plus the matching loss)."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with ship_peft.record_matching_loss() as call:
+        outputs = model(pixel_values=x)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    loss = logits.square().mean() + call.matching_loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+    return {"logits": logits.detach(), "loss": loss.detach(), **grads}
 
 
 def both_paths(model, step) -> tuple[dict, dict]:
@@ -156,21 +174,108 @@ def test_attribute_outputs_flow_on_within_their_level():
     assert per_sample == [17, 17 + 4, 17 + 4, 17]
 
 
+# Stochastic depth masks for 5 samples in 4 layers, [layer, branch (attention, MLP), sample]: True keeps the branch.
+KEEP_ALL = np.ones((4, 2, 5), dtype=bool)
+SPLIT_AT_FIRST_LAYER = KEEP_ALL.copy()
+SPLIT_AT_FIRST_LAYER[0, 0, 1] = SPLIT_AT_FIRST_LAYER[0, 1, 3] = False
+OWN_GROUPS = KEEP_ALL.copy()  # after layer 1 every sample has a history of its own
+OWN_GROUPS[0, 0, [1, 3]] = OWN_GROUPS[0, 1, [2, 3]] = OWN_GROUPS[1, 0, 4] = False
+ALL_DROP_ONE_BRANCH = KEEP_ALL.copy()
+ALL_DROP_ONE_BRANCH[1, 1] = False
+MASKS = {
+    "never-splits": KEEP_ALL,
+    "splits-at-the-first-layer": SPLIT_AT_FIRST_LAYER,
+    "every-sample-its-own-group": OWN_GROUPS,
+    "all-drop-one-branch": ALL_DROP_ONE_BRANCH,
+    "drawn-at-rate-0.5": np.random.default_rng(0).random((4, 2, 5)) >= 0.5,
+}
+DROP_CONFIGS = {
+    name: CONFIGS[name] for name in ("default", "no-shared-prompts", "a-level-per-layer", "no-matching-loss")
+} | {"one-long-level": {"prompt_layers": [0, 3]}, "no-attribute-layers": {"prompt_layers": [0, 3], "num_attribute_layers": 0}}
+
+
+@contextlib.contextmanager
+def given_drops(keep: np.ndarray):
+    """SHIP's stochastic depth with the masks ``keep`` instead of drawn ones (rates as configured)."""
+    with mock.patch.object(
+        ship_peft.layer, "draw_drops", lambda rates, batch, starts, device: plan_drops(keep, rates, starts, device)
+    ):
+        yield
+
+
+@pytest.mark.parametrize("keep", MASKS.values(), ids=MASKS.keys())
+@pytest.mark.parametrize("config", DROP_CONFIGS.values(), ids=DROP_CONFIGS.keys())
+def test_stochastic_depth_shares_the_prompts_per_history_and_equals_the_per_sample_path(config, keep):
+    """Sample b gets exactly what the per-sample path gives it for the same masks: logits, losses and every
+    gradient, in float64."""
+    model = tiny_ship_model(seed=17, drop_path_rate=0.2, **config).double()
+    x = pixels(5, seed=18).double()
+    with given_drops(keep):
+        shared, per_sample = both_paths(model, lambda m: train_step(m, x))
+    assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)
+    if keep is not KEEP_ALL:  # the masks act: the equality above is not that of two runs without drops
+        with given_drops(KEEP_ALL):
+            assert not torch.equal(train_step(model, x)["logits"], shared["logits"])
+
+
+def static_batches(model, keep: np.ndarray) -> list[int]:
+    """The rows of the static prompts entering each layer in one training step (one per history group)."""
+    batches = []
+    original = ship_peft.layer.ShipPrompts.static_prompts
+
+    def recording(prompts, *args):
+        tokens = original(prompts, *args)
+        batches.append(tokens.shape[0])
+        return tokens
+
+    with given_drops(keep), mock.patch.object(ship_peft.layer.ShipPrompts, "static_prompts", recording):
+        train_step(model, pixels(5, seed=1))
+    return batches
+
+
+def test_the_shared_path_runs_once_per_history_group_and_a_new_level_joins_them_again():
+    long_level = tiny_ship_model(seed=19, drop_path_rate=0.1, prompt_layers=[0, 3])
+    assert static_batches(long_level, KEEP_ALL) == [1, 1, 1, 1]
+    assert static_batches(long_level, SPLIT_AT_FIRST_LAYER) == [1, 3, 3, 1]  # layer 3 starts a level: fresh prompts
+    assert static_batches(long_level, OWN_GROUPS) == [1, 4, 5, 1]
+    assert static_batches(long_level, ALL_DROP_ONE_BRANCH) == [1, 1, 1, 1]  # the same history for all
+    two_levels = tiny_ship_model(seed=19, drop_path_rate=0.1, prompt_layers=[0, 2])
+    assert static_batches(two_levels, OWN_GROUPS) == [1, 4, 1, 1]  # layer 2 starts a level
+    split_in_second_level = OWN_GROUPS.copy()
+    split_in_second_level[2, 1, 0] = False
+    assert static_batches(two_levels, split_in_second_level) == [1, 4, 1, 2]
+
+
+def test_stochastic_depth_draws_its_masks_once_and_checkpointing_replays_them():
+    model = tiny_ship_model(seed=21, drop_path_rate=0.5).double()
+    x = pixels(5, seed=22).double()
+    torch.manual_seed(0)
+    plain = train_step(model, x)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(0)
+    assert_same(train_step(model, x), plain, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
-    "config, vit_overrides",
-    [({"drop_path_rate": 0.3}, {}), ({}, {"hidden_dropout_prob": 0.2})],
-    ids=["ship-stochastic-depth", "backbone-hidden-dropout"],
+    "make_model",
+    [
+        lambda: tiny_ship_model(seed=11, vit_overrides={"hidden_dropout_prob": 0.2}, drop_path_rate=0.3),
+        lambda: ship_on(Dinov2ForImageClassification(dinov2_config(drop_path_rate=0.2)), drop_path_rate=0.3),
+    ],
+    ids=["backbone-hidden-dropout", "backbone-stochastic-depth"],
 )
-def test_randomness_on_the_prompt_path_falls_back_to_per_sample_prompts(config, vit_overrides):
-    model = tiny_ship_model(seed=11, vit_overrides=vit_overrides, **config)
+def test_the_backbone_s_own_randomness_falls_back_to_per_sample_prompts(make_model):
+    """The backbone's dropout and stochastic-depth modules draw their own masks inside the host's code, which SHIP
+    cannot group by: each sample then carries its own prompts, as the method is written (docs/method.md §5)."""
+    model = make_model()
     x = pixels(5, seed=12)
     with counting_static_runs() as runs:
         torch.manual_seed(0)
-        fallback = train_step(model, x)
+        fallback = step_with_recorded_loss(model, x)
     assert not runs
     with per_sample_path():
         torch.manual_seed(0)
-        assert_same(fallback, train_step(model, x), rtol=0, atol=0)
+        assert_same(fallback, step_with_recorded_loss(model, x), rtol=0, atol=0)
     with counting_static_runs() as runs:
         model.eval()(pixel_values=x)  # no randomness in eval: shared
     assert runs
@@ -194,21 +299,8 @@ def test_joint_softmax_runs_per_sample():
 @pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "dinov2_registers", "clip"])
 def test_every_transformers_family_shares_the_static_prompts(name):
     """The shared path sits on the backbone seam: each family's training equals its per-sample path in float64."""
-    from test_backbones import plain_model, ship_on
-
     model = ship_on(plain_model(name, seed=3)).double()
     x = pixels(5, seed=4).double()
-
-    def step(m):
-        m.train()
-        m.zero_grad(set_to_none=True)
-        with ship_peft.record_matching_loss() as call:
-            outputs = m(pixel_values=x)
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-        loss = logits.square().mean() + call.matching_loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
-        return {"logits": logits.detach(), "loss": loss.detach(), **grads}
-
+    step = partial(step_with_recorded_loss, x=x)
     shared, per_sample = both_paths(model, step)
     assert_same(shared, per_sample, rtol=1e-12, atol=1e-12)

@@ -62,11 +62,19 @@ def test_the_block_list_keeps_its_shape_and_the_adapter_runs():
     assert torch.isfinite(loss) and all(grad.abs().sum() > 0 for grad in grads.values())
 
 
-@pytest.mark.parametrize("shared", [True, False], ids=["shared-path", "per-sample"])
-def test_timm_s_gradient_checkpointing_gives_the_same_gradients(shared):
-    model = tiny_timm_ship(decoupled_attention=shared)
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"decoupled_attention": False}, {"drop_path_rate": 0.5}],
+    ids=["shared-path", "per-sample", "stochastic-depth-groups"],
+)
+def test_timm_s_gradient_checkpointing_gives_the_same_gradients(config):
+    """timm recomputes each block's call in backward: it reads the pass state, stochastic-depth masks included, that
+    the forward read."""
+    model = tiny_timm_ship(**config)
+    torch.manual_seed(3)
     loss, grads = step(model)
     model.base_model.model.set_grad_checkpointing(True)
+    torch.manual_seed(3)
     checkpointed_loss, checkpointed = step(model)
     torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
