@@ -246,6 +246,24 @@ def test_the_shared_path_runs_once_per_history_group_and_a_new_level_joins_them_
     assert static_batches(two_levels, split_in_second_level) == [1, 4, 1, 2]
 
 
+def test_a_sample_s_prompts_are_dropped_with_its_image_tokens():
+    """Where every sample drops both branches of layer 1, the prompts leave layer 1 as they entered it."""
+    model = tiny_ship_model(seed=23, drop_path_rate=0.1, prompt_layers=[0])
+    keep = KEEP_ALL.copy()
+    keep[1] = False
+    carried = []
+    original = ship_peft.layer.ShipPrompts.static_prompts
+
+    def recording(prompts, layer_index, semantic, dtype):
+        carried.append(semantic)
+        return original(prompts, layer_index, semantic, dtype)
+
+    with given_drops(keep), mock.patch.object(ship_peft.layer.ShipPrompts, "static_prompts", recording):
+        train_step(model, pixels(5, seed=1))
+    torch.testing.assert_close(carried[2], carried[1], rtol=0, atol=0)
+    assert not torch.equal(carried[3], carried[2])  # layer 2 keeps its branches
+
+
 def test_stochastic_depth_draws_its_masks_once_and_checkpointing_replays_them():
     model = tiny_ship_model(seed=21, drop_path_rate=0.5).double()
     x = pixels(5, seed=22).double()
