@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import ShipConfig
+from .functional import summary_features
 from .layer import adapters_disabled
 from .model import get_prompt_bank
 
@@ -30,9 +31,11 @@ class CalibrationResult:
     """What calibration found.
 
     Attributes:
-        affinity: ``[L, L]`` mean over images of the cosine similarity between the CLS features of every pair of layers.
+        affinity: ``[L, L]`` mean over images of the cosine similarity between the image-summary features (CLS by
+            default) of every pair of layers.
         prompt_layers: first layer of every semantic level (now also in the adapter's config).
-        prototypes: ``[M, D]`` k-means prototypes of the last layer's CLS features (None without attribute prompts).
+        prototypes: ``[M, D]`` k-means prototypes of the last layer's image-summary features (None without attribute
+            prompts).
         inertia: k-means inertia (sum of squared distances to the nearest prototype), or None.
         num_samples: number of images used.
     """
@@ -176,28 +179,33 @@ def _num_images(data: Any) -> Optional[int]:
 
 
 @torch.no_grad()
-def collect_cls_features(
+def collect_features(
     model: nn.Module,
     data: Union[DataLoader, Iterable, Any],
     max_samples: int = 1000,
     batch_size: int = 64,
     show_progress: bool = True,
+    adapter_name: str = "default",
 ) -> torch.Tensor:
-    """CLS token of every block's output (residual stream, before the final norm) of the plain backbone.
+    """The image summary of every block's output (residual stream, before the final norm) of the plain backbone:
+    the CLS token, or the mean of the valid image tokens, as adapter ``adapter_name``'s ``image_summary`` says.
 
-    The model runs with its adapters disabled, in eval mode; forward hooks on the backbone's blocks read the CLS
-    token (position 0). Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``. Under
+    The model runs with its adapters disabled, in eval mode; forward hooks on the backbone's blocks read the
+    summary. Returns ``[n, L, D]`` float32 on the model's device, ``n <= max_samples``. Under
     ``torch.distributed`` each process reads its own share of the data and the features of all processes are
     gathered, in rank order.
     """
     bank = get_prompt_bank(model)
+    summary = bank.summary_of(bank.ship_config[adapter_name])
     device = next(bank.base_blocks()[0].parameters()).device
     was_training = model.training
     per_block: list[torch.Tensor] = []
-    handles = [
-        block.register_forward_hook(lambda module, inputs, output: per_block.append(_tensor(output)[:, 0]))
-        for block in bank.block_sequence[0]
-    ]
+
+    def read_summary(block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        valid = bank.backbone.block_inputs(block.base_layer, args[1:], kwargs).valid
+        per_block.append(summary_features(_tensor(output), valid, summary))
+
+    handles = [block.register_forward_hook(read_summary, with_kwargs=True) for block in bank.block_sequence[0]]
     model.eval()
     features: list[torch.Tensor] = []
     count = 0
@@ -264,8 +272,8 @@ def initialize_ship_weights(
 
     Runs the frozen backbone (no prompts, eval mode) over up to ``max_samples`` images, computes the layer affinity,
     the semantic levels for ``share_threshold`` (unless ``prompt_layers`` was given) and k-means prototypes of the
-    last layer's CLS features; then (re)creates the adapter's prompts for those levels and records ``prompt_layers``
-    in its config so ``save_pretrained`` persists it. Create the optimizer after this call.
+    last layer's image-summary features (CLS by default); then (re)creates the adapter's prompts for those levels and
+    records ``prompt_layers`` in its config so ``save_pretrained`` persists it. Create the optimizer after this call.
 
     Args:
         model: a ``PeftModel`` (or the model inside it) with a SHIP adapter.
@@ -281,7 +289,7 @@ def initialize_ship_weights(
     if adapter_name not in bank.ship_config:
         raise ValueError(f"No SHIP adapter named {adapter_name!r}; adapters: {sorted(bank.ship_config)}.")
     config: ShipConfig = bank.ship_config[adapter_name]
-    features = collect_cls_features(model, data, max_samples, batch_size, show_progress)
+    features = collect_features(model, data, max_samples, batch_size, show_progress, adapter_name)
     affinity = layer_affinity(features)
     prompt_layers = config.prompt_layers or semantic_levels(affinity, config.share_threshold)
     config.prompt_layers = prompt_layers

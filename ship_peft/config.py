@@ -63,6 +63,10 @@ def check_prompt_layers(prompt_layers, num_layers: Optional[int] = None) -> None
         )
 
 
+#: The values of ``ShipConfig.image_summary``.
+IMAGE_SUMMARIES = ("auto", "cls", "mean")
+
+
 @dataclass
 class ShipConfig(PeftConfig):
     """Configuration of a SHIP adapter (Zhu et al., ICASSP 2025), see ``docs/method.md``.
@@ -88,6 +92,11 @@ class ShipConfig(PeftConfig):
         prompt_attention_weight: lambda, weight of the prompt softmax in decoupled attention.
         matching_loss_weight: weight of the prompt matching loss added to the loss in training (0 switches it off).
         matching_top_k: T, image tokens matched against the prompts.
+        image_summary: what stands for the image where SHIP reads the CLS token (``docs/method.md`` §7): the ranking
+            of image tokens for the attribute prompts and the matching loss, and calibration's features. ``"auto"``
+            (the default): the class token where the backbone has one (the paper), else ``"mean"``; ``"cls"``: the
+            class token; ``"mean"``: the mean of the valid image tokens (an extension of the paper, for backbones
+            without a class token such as SigLIP or AIMv2).
         drop_path_rate: stochastic depth of the frozen blocks in training: the residual branches of layer ``i`` of
             ``L`` are dropped per sample with probability ``drop_path_rate * i / (L - 1)``, as in timm; no effect in
             evaluation. 0 (the default) runs the backbone as given; the training recipe (docs/method.md §6), and so
@@ -112,6 +121,10 @@ class ShipConfig(PeftConfig):
     prompt_attention_weight: float = field(default=0.1, metadata={"help": "lambda: prompt-attention weight."})
     matching_loss_weight: float = field(default=0.5, metadata={"help": "Weight of the prompt matching loss."})
     matching_top_k: int = field(default=10, metadata={"help": "T: image tokens for prompt matching."})
+    image_summary: str = field(
+        default="auto",
+        metadata={"help": "Image summary for token ranking and calibration: auto (CLS where there is one), cls, mean."},
+    )
     drop_path_rate: float = field(
         default=0.0, metadata={"help": "Stochastic depth of the frozen blocks in training (deepest layer's rate)."}
     )
@@ -137,6 +150,11 @@ class ShipConfig(PeftConfig):
             _check_float(name, getattr(self, name), 0.0, 1.0)
         _check_float("matching_loss_weight", self.matching_loss_weight, 0.0, math.inf, high_open=True)
         _check_float("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+        if self.image_summary not in IMAGE_SUMMARIES:
+            raise ValueError(
+                f"ShipConfig.image_summary must be one of {', '.join(map(repr, IMAGE_SUMMARIES))}, got "
+                f"{self.image_summary!r}."
+            )
         if not isinstance(self.decoupled_attention, bool):
             raise TypeError(f"ShipConfig.decoupled_attention must be a bool, got {self.decoupled_attention!r}.")
         if self.prompt_layers is not None:

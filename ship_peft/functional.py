@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .backbones import Backbone
+from .backbones.base import NO_INPUTS, BlockInputs
 from .stochastic_depth import BranchScales
 
 #: eps of the cosine similarities (attribute prompts and matching loss), as the reference's ``F.cosine_similarity``.
@@ -57,12 +58,40 @@ def drop_path(branch: torch.Tensor, scales: Optional[torch.Tensor]) -> torch.Ten
     return branch * scales.to(branch.dtype).view(-1, *(1,) * (branch.ndim - 1))
 
 
-def cls_scores(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Pre-softmax attention scores of the CLS query over ``key``, averaged over heads: ``[B, H, N, d]`` -> ``[B, N]``.
+def summary_scores(
+    summary_query: torch.Tensor, key: torch.Tensor, scaling: float, valid: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Pre-softmax attention scores of the image summary's query ``[B, H, 1, d]`` over the image keys ``[B, H, N, d]``,
+    averaged over heads -> ``[B, N]``; padding tokens (``valid`` False) score ``-inf``, so they are never ranked.
 
-    Only the CLS row is computed (``[B, H, 1, N]``), never the ``N x N`` matrix.
+    Only the summary's row is computed, never the ``N x N`` matrix.
     """
-    return (query[:, :, :1] @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
+    scores = (summary_query @ key.transpose(-1, -2)).mul(scaling).mean(dim=1).squeeze(1)
+    return scores if valid is None else scores.masked_fill(~valid, float("-inf"))
+
+
+def summary_query(
+    backbone: Backbone, block: nn.Module, image_tokens: torch.Tensor, image_query: torch.Tensor, inputs: BlockInputs,
+    summary: str,
+) -> torch.Tensor:
+    """The query of the image summary that ranks the image tokens (``docs/method.md`` §2, §7), ``[B, H, 1, d]``:
+    the CLS token's (``"cls"``, the paper), or that of the mean of the valid image tokens entering the block, taken
+    through the block's LN1 and query projection like a token without position (``"mean"``)."""
+    if summary == "cls":
+        return leading(image_query, 1, 2)
+    mean = summary_features(image_tokens, inputs.valid, summary)[:, None]
+    return backbone.query(block, backbone.norm1(block, mean))
+
+
+def summary_features(image_tokens: torch.Tensor, valid: Optional[torch.Tensor], summary: str) -> torch.Tensor:
+    """The image summary of ``image_tokens`` ``[B, N, D]`` -> ``[B, D]``: the CLS token, or the mean of the valid
+    tokens (calibration reads it from every block's output)."""
+    if summary == "cls":
+        return image_tokens[:, 0]
+    if valid is None:
+        return image_tokens.mean(dim=1)
+    weights = valid.to(image_tokens.dtype)[..., None]
+    return (image_tokens * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 def residual_update(
@@ -88,19 +117,23 @@ def block_forward(
     need_scores: bool,
     keep: int,
     drops: BranchScales = NO_DROPS,
+    inputs: BlockInputs = NO_INPUTS,
+    summary: str = "cls",
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """One pre-norm block on ``[image ; prompt]`` tokens with SHIP's attention (``docs/method.md`` §3) and
     stochastic depth ``drops`` (§6: each sample's scale of each branch). ``static_key`` / ``static_value`` are the
     shared path's prompt keys and values attended by the image queries: ``[1, H, P, d]`` for every sample, or
-    ``[B, H, P, d]``, each sample's history group's (stochastic depth).
+    ``[B, H, P, d]``, each sample's history group's (stochastic depth). ``inputs`` is what the host handed the
+    block (rotary positions, padding); ``summary`` the image summary that ranks the image tokens.
 
-    Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the CLS
-    query's pre-softmax scores over the image keys.
+    Returns the outputs of the first ``keep`` tokens (the others are not needed) and, if ``need_scores``, the image
+    summary's pre-softmax scores over the image keys.
     """
     normed = backbone.norm1(block, tokens)
     static = None if static_key is None else (static_key, static_value)
     attended, scores = attention(
-        backbone, block, normed, num_image_tokens, decoupled, prompt_weight, prompt_attention, need_scores, static
+        backbone, block, tokens, normed, num_image_tokens, decoupled, prompt_weight, prompt_attention,
+        summary if need_scores else None, static, inputs,
     )
     return residual_update(backbone, block, leading(tokens, keep, 1), leading(attended, keep, 1), drops), scores
 
@@ -108,41 +141,56 @@ def block_forward(
 def attention(
     backbone: Backbone,
     block: nn.Module,
+    tokens: torch.Tensor,
     normed: torch.Tensor,
     num_image_tokens: int,
     decoupled: bool,
     prompt_weight: float,
     prompt_attention: bool,
-    need_scores: bool,
+    summary: Optional[str],
     static: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    inputs: BlockInputs = NO_INPUTS,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the CLS scores if
-    asked. ``static`` holds the shared path's prompt keys and values ``[1 or B, H, P_static, d]``, which join the
-    sample's own prompt keys."""
+    """Attention output (before the output projection) for every token, ``[B, N+P, H*d]``, and the image summary's
+    scores over the image tokens when ``summary`` is given. ``static`` holds the shared path's prompt keys and values
+    ``[1 or B, H, P_static, d]``, which join the sample's own prompt keys."""
     queries_all = prompt_attention or not decoupled
     query = backbone.query(block, normed if queries_all else leading(normed, num_image_tokens, 1))
     key, value = backbone.key_value(block, normed)
-    image_query = leading(query, num_image_tokens, 2)
-    image_key, prompt_key = leading(key, num_image_tokens, 2), key[:, :, num_image_tokens:]
+    image_query, image_key = leading(query, num_image_tokens, 2), leading(key, num_image_tokens, 2)
+    if inputs.rotate is not None:  # rotary positions: the image tokens' only, prompts carry none
+        image_query, image_key = inputs.rotate(image_query), inputs.rotate(image_key)
+        query = _joined(image_query, query[:, :, num_image_tokens:])
+        key = _joined(image_key, key[:, :, num_image_tokens:])
+    prompt_key = key[:, :, num_image_tokens:]
     image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
-    scores = cls_scores(image_query, image_key, backbone.scaling(block)) if need_scores else None
+    scores = None
+    if summary is not None:
+        query_of_summary = summary_query(backbone, block, leading(tokens, num_image_tokens, 1), image_query, inputs, summary)
+        scores = summary_scores(query_of_summary, image_key, backbone.scaling(block), inputs.valid)
+    every_key_mask = inputs.key_mask(query.dtype, key.shape[2] - num_image_tokens)
 
     if not decoupled:
-        return backbone.attend(block, query, key, value), scores
+        return backbone.attend(block, query, key, value, every_key_mask), scores
 
     # (1 - lambda) * image attention + lambda * prompt attention
     image_output = torch.lerp(
-        backbone.attend(block, image_query, image_key, image_value),
+        backbone.attend(block, image_query, image_key, image_value, inputs.key_mask(query.dtype)),
         attend_prompts(backbone, block, image_query, prompt_key, prompt_value, static),
         prompt_weight,
     )
     if normed.shape[1] == num_image_tokens:
         return image_output, scores
     if prompt_attention:
-        prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value)
+        prompt_output = backbone.attend(block, query[:, :, num_image_tokens:], key, value, every_key_mask)
     else:
         prompt_output = normed[:, num_image_tokens:]  # prompts bypass attention: a_p = LN1(p)
     return torch.cat([image_output, prompt_output], dim=1), scores
+
+
+def _joined(image: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+    """Image and prompt queries or keys ``[B, H, n, d]`` in one tensor again (no copy when there are no prompts)."""
+    return image if prompts.shape[2] == 0 else torch.cat([image, prompts], dim=2)
 
 
 def attend_prompts(

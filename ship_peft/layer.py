@@ -24,6 +24,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from .backbones import Backbone
+from .backbones.base import BlockInputs
 from .call import (
     BlockPass,
     GroupState,
@@ -177,9 +178,13 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
     adapter_layer_names = ("ship_prompts",)
     other_param_names = ("ship_config", "autocast_adapter_dtype")
 
-    def __init__(self, blocks: nn.ModuleList, backbone: Backbone, adapter_name: str, config: ShipConfig):
+    def __init__(
+        self, blocks: nn.ModuleList, backbone: Backbone, adapter_name: str, config: ShipConfig, class_token: bool = True
+    ):
         super().__init__()
         self.backbone = backbone
+        #: whether the host's first image token is a class token (the image summary ``"auto"`` then reads it)
+        self.class_token = class_token
         #: the host's block sequence (a reference, not a child: the host owns it)
         self.block_sequence: tuple[nn.ModuleList] = (blocks,)
         self.ship_prompts = nn.ModuleDict({})
@@ -205,6 +210,7 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
 
     def update_layer(self, adapter_name: str, config: ShipConfig) -> None:
         """(Re)build adapter ``adapter_name`` for ``config``; without ``prompt_layers`` it waits for calibration."""
+        self.summary_of(config)  # a clear error for a CLS summary without a class token
         self.ship_config[adapter_name] = config
         if config.prompt_layers is None:
             return
@@ -276,6 +282,18 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
                 group.collected_path = []
         return group
 
+    def summary_of(self, config: ShipConfig) -> str:
+        """The image summary adapter ``config`` ranks image tokens by (``docs/method.md`` §7): ``"cls"`` or
+        ``"mean"`` (``"auto"``: the class token where the backbone has one, else the mean)."""
+        if config.image_summary == "auto":
+            return "cls" if self.class_token else "mean"
+        if config.image_summary == "cls" and not self.class_token:
+            raise ValueError(
+                "ShipConfig(image_summary='cls') needs a class token, but this backbone has none (it pools its image "
+                "tokens); use image_summary='mean' or 'auto'."
+            )
+        return config.image_summary
+
     def drop_rates(self, prompts: ShipPrompts) -> list[float]:
         """SHIP's stochastic depth per layer: ``drop_path_rate * i / (L - 1)`` for layer ``i`` (``docs/method.md`` §6)."""
         last = max(self.num_layers - 1, 1)
@@ -327,15 +345,15 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         """
         if self.disable_adapters or not self.active_adapters:
             return self.base_layer(hidden_states, *args, **kwargs)
-        check_block_arguments(args, kwargs)
+        inputs = self.bank.backbone.block_inputs(self.base_layer, args, kwargs)
         recording = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
         remembered = remembered_inputs(hidden_states) if recording else None
         if remembered is not None:  # the host's checkpointing recomputes this call in backward
-            return self._run_groups(remembered, hidden_states, args, kwargs)
+            return self._run_groups(remembered, hidden_states, args, kwargs, inputs)
         block_pass = self._open_pass(hidden_states) if self.layer_index == 0 else self._running_pass()
         if recording:
             remember_inputs(hidden_states, block_pass)
-        output = self._run_groups(block_pass, hidden_states, args, kwargs)
+        output = self._run_groups(block_pass, hidden_states, args, kwargs, inputs)
         if self.layer_index == self.bank.num_layers - 1:
             self._close_pass(block_pass)
         run_forward_hooks(self.base_layer, hidden_states, output)  # transformers' output_hidden_states
@@ -389,23 +407,28 @@ class ShipBlock(nn.Module, ShipTunerLayer):
                 call.matching_loss = group.matching_loss
         close_pass()
 
-    def _run_groups(self, block_pass: BlockPass, hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _run_groups(
+        self, block_pass: BlockPass, hidden_states: torch.Tensor, args: tuple, kwargs: dict, inputs: BlockInputs
+    ) -> torch.Tensor:
         """Every group of the pass through this block: one sub-batch per adapter of a mixed batch."""
         groups = block_pass.groups
         if len(groups) == 1 and groups[0].rows is None:
-            return self._group_forward(groups[0], hidden_states, args, kwargs)
+            return self._group_forward(groups[0], hidden_states, args, kwargs, inputs)
         output = torch.empty_like(hidden_states)
         for group in groups:
-            result = self._group_forward(group, hidden_states.index_select(0, group.rows), args, kwargs)
-            output.index_copy_(0, group.rows, result)
+            rows = group.rows
+            result = self._group_forward(group, hidden_states.index_select(0, rows), args, kwargs, inputs.of_rows(rows))
+            output.index_copy_(0, rows, result)
         return output
 
-    def _group_forward(self, group: GroupState, image_tokens: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    def _group_forward(
+        self, group: GroupState, image_tokens: torch.Tensor, args: tuple, kwargs: dict, inputs: BlockInputs
+    ) -> torch.Tensor:
         if group.prompts is None:
             return self.base_layer(image_tokens, *args, **kwargs)
-        return self._prompted_forward(group, image_tokens)
+        return self._prompted_forward(group, image_tokens, inputs)
 
-    def _prompted_forward(self, group: GroupState, image_tokens: torch.Tensor) -> torch.Tensor:
+    def _prompted_forward(self, group: GroupState, image_tokens: torch.Tensor, inputs: BlockInputs) -> torch.Tensor:
         """This block on ``[image ; static prompts ; attribute prompts]`` for one group; advances the group's state.
 
         On the shared path the static (semantic and shared) prompts are not among each sample's tokens: their keys
@@ -441,6 +464,8 @@ class ShipBlock(nn.Module, ShipTunerLayer):
             need_scores=(index + 1) in prompts.attribute_layers or prompt_attention,
             keep=keep,
             drops=NO_DROPS if drops is None else drops.samples,
+            inputs=inputs,
+            summary=self.bank.summary_of(config),
         )
         checkpoint = self._checkpoint_function()
         tokens, scores = checkpoint(step, tokens, *static_key_value) if checkpoint else step(tokens, *static_key_value)
@@ -525,19 +550,3 @@ def adapters_disabled(model: nn.Module) -> Iterator[None]:
     finally:
         for layer, was_disabled in zip(layers, were_disabled):
             layer.enable_adapters(not was_disabled)
-
-
-def check_block_arguments(args: tuple, kwargs: dict) -> None:
-    """Clear errors for what the host passes to its blocks that SHIP cannot honour (masks, attention maps)."""
-    masks = [arg for arg in args if arg is not None] + [
-        kwargs[name] for name in ("attention_mask", "attn_mask") if kwargs.get(name) is not None
-    ]
-    # Under torch.export, transformers' hosts build an all-visible mask where eager mode passes None; an exported
-    # SHIP model takes pixels only (ship_peft.export), so that mask is the host's own and masks nothing.
-    if (masks and not torch.compiler.is_exporting()) or kwargs.get("is_causal"):
-        raise NotImplementedError(
-            "SHIP attends over all image and prompt tokens and takes no attention mask; call the model without "
-            "`attention_mask`."
-        )
-    if kwargs.get("output_attentions"):
-        raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")

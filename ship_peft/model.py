@@ -19,7 +19,8 @@ from .backbones import Backbone, find_hosts, supported_families
 from .call import current_call, ship_call
 from .config import ShipConfig, check_prompt_layers
 from .constants import SHIP_PREFIX
-from .layer import BASE_ADAPTER, ShipBlock, ShipPromptBank, ShipTunerLayer, check_block_arguments, prompt_banks
+from .backbones.base import check_block_arguments
+from .layer import BASE_ADAPTER, ShipBlock, ShipPromptBank, ShipTunerLayer, prompt_banks
 
 #: The attribute of the host module (the one holding the block sequence) that holds the adapters' tensors.
 BANK_NAME = "ship"
@@ -246,7 +247,9 @@ class ShipModel(BaseTuner):
         host, family = resolve_blocks(self.model, blocks_name)
         bank = getattr(host, BANK_NAME, None)
         if bank is None:
-            host.add_module(BANK_NAME, ShipPromptBank(blocks, family(), adapter_name, config))
+            backbone = family()
+            bank = ShipPromptBank(blocks, backbone, adapter_name, config, backbone.has_class_token(host))
+            host.add_module(BANK_NAME, bank)
             rename_unsplit_module(self.model, type(blocks[0]).__name__, ShipBlock.__name__)
             return getattr(host, BANK_NAME)
         if not isinstance(bank, ShipPromptBank):

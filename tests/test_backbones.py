@@ -205,7 +205,7 @@ def test_calibration_reads_each_family_s_cls_features(name):
     plain = plain_model(name, seed=2)
     model = get_peft_model(copy.deepcopy(plain), ship_peft.ShipConfig(num_prompts=2, num_prototypes=3, share_threshold=0.99))
     x = pixels(8, seed=2)
-    features = ship_peft.calibration.collect_cls_features(model, [x], show_progress=False)
+    features = ship_peft.calibration.collect_features(model, [x], show_progress=False)
     torch.testing.assert_close(features, block_inputs_cls(plain, x))
     result = ship_peft.initialize_ship_weights(model, [x], show_progress=False)
     assert result.prompt_layers == ship_peft.semantic_levels(ship_peft.layer_affinity(features), 0.99)

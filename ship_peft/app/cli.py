@@ -29,8 +29,8 @@ from .. import __version__
 from ..export import export_onnx, export_program
 from ..safe_io import load_adapter, save_adapter
 from ..assets import BUNDLED_BACKBONE, resolve_model_path
-from ..calibration import collect_cls_features, layer_affinity, semantic_levels
-from ..config import ShipConfig
+from ..calibration import collect_features, layer_affinity, semantic_levels
+from ..config import IMAGE_SUMMARIES, ShipConfig
 from .data import (
     DIGITS,
     DIGITS_DESCRIPTION,
@@ -148,6 +148,8 @@ def add_ship_arguments(
             group.add_argument(flag, action=argparse.BooleanOptionalAction, help=_help(text, name, preset, grid))
         elif name == "prompt_layers":
             group.add_argument(flag, type=int, nargs="+", metavar="LAYER", help=f"{text} (default: calibration)")
+        elif name == "image_summary":
+            group.add_argument(flag, choices=IMAGE_SUMMARIES, help=_help(text, name, preset, grid))
         else:
             nargs = "+" if name in grid else None
             group.add_argument(flag, type=_type_of(name), nargs=nargs, help=_help(text, name, preset, grid))
@@ -886,7 +888,7 @@ def calibrate(run: CalibrateRun) -> CalibrateOutcome:
     model = build_model("ship", run.model_path, data.label_names, {"share_threshold": run.share_threshold})
     model.to(distributed_state().device)
     loader = calibration_loader(sample, run.batch_size)
-    features = collect_cls_features(model, loader, len(sample), run.batch_size, run.show_progress)
+    features = collect_features(model, loader, len(sample), run.batch_size, run.show_progress)
     affinity = layer_affinity(features).float().cpu()
     thresholds = sorted({*AFFINITY_SWEEP, run.share_threshold})
     sweep = {threshold: semantic_levels(affinity, threshold) for threshold in thresholds}

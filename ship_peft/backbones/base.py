@@ -11,12 +11,63 @@ CLS token first. A family only says how to run the pieces of one block on any se
 
 from __future__ import annotations
 
-from typing import Callable, ClassVar, Optional
+import dataclasses
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.vit.modeling_vit import eager_attention_forward
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockInputs:
+    """What the host hands a block besides its image tokens ``[B, N, D]``, as SHIP reads it (``docs/backbones.md``).
+
+    Attributes:
+        rotate: the rotary position embedding of the image tokens, applied to their queries and keys
+            ``[B, H, N, d]`` (None: the family has none). Prompts carry no position and are never rotated.
+        valid: ``[B, N]`` True for the image tokens that are not padding (None: all are), read from the host's
+            attention mask (SigLIP 2's NaFlex batches). Padding is masked as a key, left out of the image summary and
+            never ranked.
+    """
+
+    rotate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    valid: Optional[torch.Tensor] = None
+
+    def of_rows(self, rows: torch.Tensor) -> "BlockInputs":
+        """The inputs of the samples ``rows`` (a mixed-adapter batch's group)."""
+        return self if self.valid is None else dataclasses.replace(self, valid=self.valid.index_select(0, rows))
+
+    def key_mask(self, dtype: torch.dtype, num_prompt_keys: int = 0) -> Optional[torch.Tensor]:
+        """An additive attention mask ``[B, 1, 1, N + num_prompt_keys]`` hiding the padding image keys (prompt keys,
+        appended after the image keys, are never hidden), or None when nothing is padding."""
+        if self.valid is None:
+            return None
+        hidden = ~torch.nn.functional.pad(self.valid, (0, num_prompt_keys), value=True)
+        return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
+            hidden, torch.finfo(dtype).min
+        )[:, None, None]
+
+
+#: A block called with its image tokens only.
+NO_INPUTS = BlockInputs()
+
+
+def check_block_arguments(args: tuple, kwargs: dict) -> None:
+    """Clear errors for what the host passes to its blocks that SHIP cannot honour (masks, attention maps)."""
+    masks = [arg for arg in args if arg is not None] + [
+        kwargs[name] for name in ("attention_mask", "attn_mask") if kwargs.get(name) is not None
+    ]
+    # Under torch.export, transformers' hosts build an all-visible mask where eager mode passes None; an exported
+    # SHIP model takes pixels only (ship_peft.export), so that mask is the host's own and masks nothing.
+    if (masks and not torch.compiler.is_exporting()) or kwargs.get("is_causal"):
+        raise NotImplementedError(
+            "SHIP attends over all image and prompt tokens and takes no attention mask; call the model without "
+            "`attention_mask`."
+        )
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("SHIP does not return attention maps; call without `output_attentions`.")
 
 
 def split_heads(states: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -45,6 +96,16 @@ class Backbone:
     def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
         """Why this host of the family cannot run SHIP exactly (None: it can)."""
         return None
+
+    def has_class_token(self, host: nn.Module) -> bool:
+        """Whether the host's first image token is a class token (SHIP's default image summary, ``docs/method.md``)."""
+        return True
+
+    def block_inputs(self, block: nn.Module, args: tuple, kwargs: dict[str, Any]) -> BlockInputs:
+        """What SHIP uses of the arguments the host passes to ``block`` after the image tokens (rotary positions, a
+        padding mask); a clear error for any it cannot honour. By default the block takes none."""
+        check_block_arguments(args, kwargs)
+        return NO_INPUTS
 
     def is_stochastic(self, block: nn.Module) -> bool:
         """Whether ``block`` draws random numbers in training (dropout or stochastic depth with a rate above 0).
@@ -83,8 +144,16 @@ class Backbone:
         """The softmax temperature of the attention scores (``d ** -0.5``)."""
         raise NotImplementedError
 
-    def attend(self, block: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """``softmax(q k^T * scaling) v`` with the block's attention dropout in training; returns ``[B, n, H*d]``."""
+    def attend(
+        self,
+        block: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``softmax(q k^T * scaling + mask) v`` with the block's attention dropout in training; returns
+        ``[B, n, H*d]``. ``mask`` is additive, broadcast to ``[B, H, n, m]`` (None: every key)."""
         raise NotImplementedError
 
     def attention_branch(self, block: nn.Module, attended: torch.Tensor) -> torch.Tensor:
@@ -152,11 +221,11 @@ class TransformersBackbone(Backbone):
     def scaling(self, block):
         return getattr(block.get_submodule(self.attention_path), self.scaling_name)
 
-    def attend(self, block, query, key, value):
+    def attend(self, block, query, key, value, mask=None):
         attention = block.get_submodule(self.attention_path)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
         dropout = getattr(attention, self.attention_dropout_name) if block.training else 0.0
-        output, _ = interface(attention, query, key, value, None, dropout=dropout, scaling=self.scaling(block))
+        output, _ = interface(attention, query, key, value, mask, dropout=dropout, scaling=self.scaling(block))
         return output.reshape(*output.shape[:2], -1)
 
     def attention_branch(self, block, attended):

@@ -69,9 +69,9 @@ class TimmViTBackbone(Backbone):
     def scaling(self, block):
         return block.attn.scale
 
-    def attend(self, block, query, key, value):
+    def attend(self, block, query, key, value, mask=None):
         dropout = block.attn.attn_drop.p if block.training else 0.0
-        output = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=block.attn.scale)
+        output = F.scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=block.attn.scale)
         return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], -1)
 
     def attention_branch(self, block, attended):
