@@ -7,6 +7,7 @@
 
 from . import export, presets
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
+from .classifier import ImageClassifier
 from .config import ShipConfig
 from .call import record_matching_loss
 from .layer import ShipBlock, ShipPromptBank, ShipPrompts
@@ -22,6 +23,7 @@ register()
 __all__ = [
     "CalibrationResult",
     "CorruptAdapterFileError",
+    "ImageClassifier",
     "ShipConfig",
     "ShipBlock",
     "ShipModel",

@@ -30,6 +30,9 @@ from transformers import (
     Dinov2Model,
     Dinov2WithRegistersConfig,
     Dinov2WithRegistersForImageClassification,
+    DINOv3ViTBackbone,
+    DINOv3ViTConfig,
+    DINOv3ViTModel,
     ViTModel,
 )
 
@@ -53,6 +56,15 @@ LABELS = torch.tensor([0, 1, 2, 1])
 
 def dinov2_config(cls=Dinov2Config, **overrides):
     return cls(**SIZES, mlp_ratio=2, layerscale_value=0.5, num_labels=3, **overrides)
+
+
+def dinov3_config(**overrides) -> DINOv3ViTConfig:
+    """Registers, layer scale, a gated MLP, no key bias, and the training-time augmentation of the rotary positions."""
+    values = dict(
+        intermediate_size=64, num_register_tokens=2, layerscale_value=0.5, use_gated_mlp=True, key_bias=False,
+        pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=1.5,
+    )
+    return DINOv3ViTConfig(**SIZES, **{**values, **overrides})
 
 
 def clip_vision_config() -> CLIPVisionConfig:
@@ -83,6 +95,9 @@ MODELS = {
         ),
         True,
     ),
+    "dinov3": (lambda: ship_peft.ImageClassifier(DINOv3ViTModel(dinov3_config()), 3), True),
+    "dinov3_bare": (lambda: DINOv3ViTModel(dinov3_config(use_gated_mlp=False, key_bias=True)), False),
+    "dinov3_backbone": (lambda: DINOv3ViTBackbone(dinov3_config(out_indices=[2, 4])), False),
     "clip": (clip_classifier, True),
     "clip_vision": (lambda: CLIPVisionModel(clip_vision_config()), False),
 }
@@ -103,10 +118,11 @@ def ship_on(plain: torch.nn.Module, **config) -> PeftModel:
 
 
 def outputs_of(output) -> list[torch.Tensor]:
-    """The tensors a user reads: logits, or the features of a bare backbone."""
+    """The tensors a user reads: logits, or the features of a bare backbone (a dense backbone's feature maps)."""
     if torch.is_tensor(output):
         return [output]
-    return [output[key] for key in ("logits", "last_hidden_state", "pooler_output") if output.get(key) is not None]
+    keys = ("logits", "last_hidden_state", "pooler_output")
+    return [output[key] for key in keys if output.get(key) is not None] + list(output.get("feature_maps") or ())
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -117,7 +133,10 @@ def test_zero_prompt_weight_reproduces_the_backbone(name):
     for train in (False, True):
         plain.train(train)
         model.train(train)
-        expected, got = outputs_of(plain(x)), outputs_of(model(x))
+        torch.manual_seed(0)  # the same draws of any training-time randomness of the host (DINOv3's positions)
+        expected = outputs_of(plain(x))
+        torch.manual_seed(0)
+        got = outputs_of(model(x))
         assert len(got) == len(expected) > 0
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -130,10 +149,13 @@ def naive_parts(block) -> BlockParts:
     """The block's parts as the oracle reads them (attribute names of each family, weights only)."""
     if hasattr(block, "layernorm_before"):  # ViT, DeiT
         return vit_parts(block)
-    if hasattr(block, "layer_scale1"):  # DINOv2
+    if hasattr(block, "layer_scale1"):  # DINOv2 (SwiGLU: SiLU gate), DINOv3 (gated: GELU gate; plain: up / down)
         a, mlp = block.attention, block.mlp
+        gate = F.gelu if type(block).__name__.startswith("DINOv3") else F.silu
         if hasattr(mlp, "gate_proj"):
-            feed = lambda x: linear(F.silu(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+            feed = lambda x: linear(gate(linear(x, mlp.gate_proj)) * linear(x, mlp.up_proj), mlp.down_proj)
+        elif hasattr(mlp, "up_proj"):
+            feed = lambda x: linear(F.gelu(linear(x, mlp.up_proj)), mlp.down_proj)
         else:
             feed = lambda x: linear(F.gelu(linear(x, mlp.fc1)), mlp.fc2)
         return BlockParts(
@@ -146,6 +168,20 @@ def naive_parts(block) -> BlockParts:
         block.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, block.layer_norm2,
         lambda x: linear(quick_gelu(linear(x, mlp.fc1)), mlp.fc2),
     )
+
+
+def naive_rotary(block_kwargs: dict):
+    """DINOv3's rotary embedding, written out from the ``(cos, sin)`` the host hands its blocks: the last
+    ``len(cos)`` tokens (the patches) turn each pair ``(x_i, x_{i+d/2})`` by their angle; CLS and registers do not."""
+    cos, sin = block_kwargs["position_embeddings"]
+    num_patches = cos.shape[0]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:  # one head's queries or keys [B, N, d]
+        prefix, patches = x[:, :-num_patches], x[:, -num_patches:]
+        first, second = patches.chunk(2, dim=-1)
+        return torch.cat([prefix, patches * cos + torch.cat([-second, first], dim=-1) * sin], dim=1)
+
+    return rotate
 
 
 def head_names(model) -> list[str]:
@@ -174,8 +210,11 @@ def test_training_matches_the_naive_oracle(name, case):
     plain_blocks = list(plain_copy.get_submodule(model.peft_config["default"].target_modules[0]))
     parts = [naive_parts(block) for block in plain_blocks]
     num_heads = SIZES["num_attention_heads"]
-    expected = naive_ship_on_host(plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS)
+    rotary = naive_rotary if name.startswith("dinov3") else None
+    torch.manual_seed(0)  # the same draws of the host's training-time randomness (DINOv3's positions)
+    expected = naive_ship_on_host(plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS, rotary=rotary)
     assert_no_near_ties(expected)
+    torch.manual_seed(0)
     with ship_peft.record_matching_loss() as call:
         outputs = model(pixel_values=x, labels=LABELS) if "teacher" not in name else model(pixel_values=x)
     loss = getattr(outputs, "loss", None)
@@ -200,7 +239,7 @@ def block_inputs_cls(plain, x) -> torch.Tensor:
     return torch.stack([h[:, 0] for h in hidden], dim=1)
 
 
-@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip", "dinov2_bare"])
+@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip", "dinov2_bare", "dinov3"])
 def test_calibration_reads_each_family_s_cls_features(name):
     plain = plain_model(name, seed=2)
     model = get_peft_model(copy.deepcopy(plain), ship_peft.ShipConfig(num_prompts=2, num_prototypes=3, share_threshold=0.99))
@@ -213,7 +252,7 @@ def test_calibration_reads_each_family_s_cls_features(name):
     model.train()(x)  # calibrated: the adapter runs
 
 
-@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "clip", "clip_vision"])
+@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "dinov3", "dinov3_backbone", "clip", "clip_vision"])
 def test_save_load_cache_and_checkpointing(name, tmp_path):
     plain = plain_model(name, seed=3)
     model = ship_on(plain).eval()
@@ -283,7 +322,7 @@ def test_attention_mask_is_a_clear_error():
         model(pixel_values=pixels(), attention_mask=mask)
 
 
-@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip"])
+@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "dinov3_bare", "clip"])
 def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, capsys):
     from ship_peft.app.cli import main
     from test_data import save_dataset

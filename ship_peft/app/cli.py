@@ -30,6 +30,7 @@ from ..export import export_onnx, export_program
 from ..safe_io import load_adapter, save_adapter
 from ..assets import BUNDLED_BACKBONE, resolve_model_path
 from ..calibration import collect_features, layer_affinity, semantic_levels
+from ..classifier import ImageClassifier
 from ..config import IMAGE_SUMMARIES, ShipConfig
 from .data import (
     DIGITS,
@@ -581,6 +582,7 @@ def report_train(run: TrainRun, outcome: TrainOutcome) -> None:
         comparison={METHOD_TITLES[method]: results[method]["test_accuracy"] for method in run.baselines},
         levels_calibrated=run.ship_values["prompt_layers"] is None,
         repo_id=run.push_to_hub,
+        bare_backbone=isinstance(ship.model.get_base_model(), ImageClassifier),
     )
     output_dir = run.output_dir
     adapter_dir = _save_adapter(ship, outcome.processor, card, output_dir / "adapter")

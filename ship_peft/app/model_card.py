@@ -34,6 +34,8 @@ class AdapterCard:
         comparison: other methods' test accuracy on the same data and budget (title -> accuracy).
         levels_calibrated: whether the levels were found by calibration (else given with ``prompt_layers``).
         repo_id: where the adapter is pushed (used in the loading example), if it is.
+        bare_backbone: whether the backbone has no classifier of its own (DINOv3): the adapter then carries a linear
+            head on its pooled feature (:class:`ship_peft.ImageClassifier`).
     """
 
     config: ShipConfig
@@ -48,6 +50,7 @@ class AdapterCard:
     comparison: dict[str, float] = field(default_factory=dict)
     levels_calibrated: bool = True
     repo_id: Optional[str] = None
+    bare_backbone: bool = False
 
 
 def is_hub_id(name: str) -> bool:
@@ -76,16 +79,24 @@ def _loading_code(card: AdapterCard) -> str:
     return f"""```python
 import ship_peft  # registers SHIP with PEFT: import it before loading
 from peft import PeftModel
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, pipeline
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
 {imports}
 config = AutoConfig.from_pretrained({adapter!r})  # the backbone's config with this adapter's label names
-base = AutoModelForImageClassification.from_pretrained({base}, config=config, ignore_mismatched_sizes=True)
+{_base_code(card, base)}
 model = PeftModel.from_pretrained(base, {adapter!r}).eval()
 processor = AutoImageProcessor.from_pretrained({adapter!r})  # the preprocessing used in training
 classify = pipeline("image-classification", model=model, image_processor=processor)  # SHIP runs unmerged
 ```
 
 or, on a dataset: `ship-peft evaluate {adapter} --dataset DATASET`."""
+
+
+def _base_code(card: AdapterCard, base: str) -> str:
+    """The line that builds the classifier the adapter loads onto."""
+    if card.bare_backbone:  # the head is ship_peft.ImageClassifier's, saved with the adapter
+        labels = "list(config.id2label.values())"
+        return f"base = ship_peft.ImageClassifier(AutoModel.from_pretrained({base}), config.num_labels, {labels})"
+    return f"base = AutoModelForImageClassification.from_pretrained({base}, config=config, ignore_mismatched_sizes=True)"
 
 
 def model_card(card: AdapterCard) -> str:

@@ -23,11 +23,19 @@ from huggingface_hub import hf_hub_download
 from peft import PeftConfig, get_peft_model
 from safetensors import safe_open
 from torch.utils.data import DataLoader
-from transformers import AutoConfig, AutoModelForImageClassification, EvalPrediction, Trainer, TrainingArguments
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageClassification,
+    EvalPrediction,
+    Trainer,
+    TrainingArguments,
+)
 from transformers import default_data_collator, set_seed
 
 from ..assets import resolve_model_path
 from ..calibration import CalibrationResult, initialize_ship_weights
+from ..classifier import ImageClassifier
 from .. import presets
 from ..config import HYPERPARAMETERS, ShipConfig
 from .errors import InputError
@@ -101,8 +109,12 @@ class TrainedMethod:
         return self.trainer.state.log_history
 
 
-#: transformers model types the command line trains (``AutoModelForImageClassification``), see ``ship_peft.backbones``.
-SUPPORTED_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+#: transformers model types the command line trains with their own classifier (``AutoModelForImageClassification``)
+CLASSIFIER_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+#: bare backbones (``AutoModel``) the command line trains with a linear head (:class:`ship_peft.ImageClassifier`)
+BARE_MODEL_TYPES = ("dinov3_vit",)
+#: every model type the command line trains, see ``ship_peft.backbones``
+SUPPORTED_MODEL_TYPES = CLASSIFIER_MODEL_TYPES + BARE_MODEL_TYPES
 
 
 def vision_config(config: transformers.PretrainedConfig) -> transformers.PretrainedConfig:
@@ -129,25 +141,26 @@ def backbone_config(model_path: str) -> transformers.PretrainedConfig:
     return config
 
 
-def load_backbone(model_path: str, label_names: list[str]) -> transformers.PreTrainedModel:
-    """A float32 image classifier (``AutoModelForImageClassification``) with a head for ``label_names`` (a new head if
-    the sizes differ).
+def load_backbone(model_path: str, label_names: list[str]) -> torch.nn.Module:
+    """A float32 image classifier with a head for ``label_names``: the model's own
+    (``AutoModelForImageClassification``; a new head if the sizes differ), or, for a bare backbone (DINOv3), a
+    linear head on its pooled feature (:class:`ship_peft.ImageClassifier`, saved with the adapter).
 
     ``model_path`` is recorded as the model's name, so adapters name their base as the user did.
     """
-    backbone_config(model_path)
+    bare = backbone_config(model_path).model_type in BARE_MODEL_TYPES
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the load report is summarised below
     transformers.logging.disable_progress_bar()
+    labels = {} if bare else {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: index for index, name in enumerate(label_names)},
+        "ignore_mismatched_sizes": True,
+    }
     try:
-        model, info = AutoModelForImageClassification.from_pretrained(
-            resolve_model_path(model_path),
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: index for index, name in enumerate(label_names)},
-            ignore_mismatched_sizes=True,
-            dtype=torch.float32,
-            output_loading_info=True,
+        model, info = (AutoModel if bare else AutoModelForImageClassification).from_pretrained(
+            resolve_model_path(model_path), **labels, dtype=torch.float32, output_loading_info=True
         )
     finally:
         transformers.logging.set_verbosity(verbosity)
@@ -155,6 +168,8 @@ def load_backbone(model_path: str, label_names: list[str]) -> transformers.PreTr
     missing = [key for key in info["missing_keys"] if not key.startswith("classifier.")]
     if missing:
         say(f"warning: {model_path} has no weights for {len(missing)} backbone tensors ({missing[:3]} ...): random.")
+    if bare:
+        model = ImageClassifier(model, len(label_names), label_names)
     model.name_or_path = model_path  # what PEFT records as the adapter's base model
     return model
 

@@ -12,10 +12,11 @@ from torch import nn
 from .base import Backbone, TransformersBackbone, split_heads
 from .clip import CLIPBackbone
 from .dinov2 import Dinov2Backbone
+from .dinov3 import DINOv3Backbone
 from .vit import ViTBackbone
 
 #: The transformers families; timm's join when a timm model is given (:func:`timm_families`).
-FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, CLIPBackbone]
+FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, DINOv3Backbone, CLIPBackbone]
 
 #: The oldest timm whose VisionTransformer SHIP supports.
 TIMM_MINIMUM = (1, 0)

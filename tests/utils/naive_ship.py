@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -185,8 +185,10 @@ def ship_layer(
     lam: float,
     decoupled: bool,
     is_last: bool,
+    rotate: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Tensor]:
-    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (docs/method.md §3).
+    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (docs/method.md §3); ``rotate`` is the host's
+    rotary position embedding of one head's image queries and keys ``[B, N, d]`` (prompts carry no position).
 
     Returns the layer output ``[B, N + P, D]`` and the CLS query's pre-softmax scores over the ``N`` image keys,
     averaged over heads, ``[B, N]``.
@@ -204,7 +206,9 @@ def ship_layer(
         cols = slice(head * head_dim, (head + 1) * head_dim)
         q_v, k_v, v_v = q[:, :num_image, cols], k[:, :num_image, cols], v[:, :num_image, cols]
         q_p, k_p, v_p = q[:, num_image:, cols], k[:, num_image:, cols], v[:, num_image:, cols]
-        k_all, v_all = k[:, :, cols], v[:, :, cols]
+        if rotate is not None:
+            q_v, k_v = rotate(q_v), rotate(k_v)
+        k_all, v_all = torch.cat([k_v, k_p], dim=1), v[:, :, cols]
         cls_scores.append(q_v[:, 0].unsqueeze(1) @ k_v.transpose(1, 2) / math.sqrt(head_dim))  # [B, 1, N]
         if decoupled:
             image_outputs.append(
@@ -269,7 +273,7 @@ def prompts_entering(
 
 def naive_ship_encoder(
     x: Tensor, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
-    training: bool, choices: list[TopKChoice],
+    training: bool, choices: list[TopKChoice], rotate: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> tuple[Tensor, Optional[Tensor]]:
     """SHIP through the blocks ``parts`` from the image tokens ``x``: the last block's image tokens and, in training,
     the matching loss (docs/method.md §2-§4)."""
@@ -303,6 +307,7 @@ def naive_ship_encoder(
             lam=hyper.prompt_attention_weight,
             decoupled=hyper.decoupled_attention,
             is_last=(i == last),
+            rotate=rotate,
         )
         x, prompt_output = out[:, : x.shape[1]], out[:, x.shape[1] :]
     pml = None
@@ -348,21 +353,29 @@ def naive_ship_forward(
 def naive_ship_on_host(
     model, blocks, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
     pixel_values: Tensor, labels: Optional[Tensor] = None, training: bool = True,
+    rotary: Optional[Callable[[dict], Callable[[Tensor], Tensor]]] = None,
 ) -> NaiveOutput:
     """SHIP on any plain model whose blocks are ``blocks``: the model's own embeddings and head run, and a forward
     hook on the last block replaces its output with the naive SHIP encoder's (computed from the first block's
-    input). ``model(pixel_values)`` must return an output with ``logits`` or the logits."""
+    input; ``rotary`` makes the rotary embedding from the keyword arguments the host gave it). ``model(pixel_values)``
+    must return an output with ``logits`` or the logits."""
     choices: list[TopKChoice] = []
     captured: dict = {}
 
-    def take_input(module, args):
+    def take_input(module, args, kwargs):
         captured.setdefault("x", args[0])
+        captured.setdefault("rotate", rotary(kwargs) if rotary else None)
 
     def replace_output(module, args, output):
-        x, captured["pml"] = naive_ship_encoder(captured["x"], parts, num_heads, prompts, hyper, training, choices)
+        x, captured["pml"] = naive_ship_encoder(
+            captured["x"], parts, num_heads, prompts, hyper, training, choices, captured["rotate"]
+        )
         return x
 
-    handles = [blocks[0].register_forward_pre_hook(take_input), blocks[-1].register_forward_hook(replace_output)]
+    handles = [
+        blocks[0].register_forward_pre_hook(take_input, with_kwargs=True),
+        blocks[-1].register_forward_hook(replace_output),
+    ]
     try:
         output = model(pixel_values)
     finally:
