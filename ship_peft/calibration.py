@@ -144,24 +144,30 @@ def _cluster_means(
     return means
 
 
-def _pixel_batches(data: Union[DataLoader, Iterable, Any], batch_size: int) -> Iterable[torch.Tensor]:
-    """Yield ``pixel_values`` from a DataLoader of dicts/tuples or from a ``datasets.Dataset``."""
+#: The image inputs a batch may carry for the model (SigLIP 2's NaFlex batches add the padding mask and grid shapes).
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+
+
+def _image_batches(data: Union[DataLoader, Iterable, Any], batch_size: int) -> Iterable[dict[str, torch.Tensor]]:
+    """Yield the model's image inputs (``pixel_values``, with SigLIP 2's mask and shapes) from a DataLoader of
+    dicts/tuples/tensors or from a ``datasets.Dataset``."""
     if hasattr(data, "with_format") and hasattr(data, "column_names"):  # a datasets.Dataset
         if "pixel_values" not in data.column_names:
             raise ValueError(
                 f"The dataset has no `pixel_values` column (columns: {data.column_names}); apply the backbone's "
                 f"image processor first, e.g. with `dataset.with_transform(...)`."
             )
-        data = DataLoader(data.with_format("torch", columns=["pixel_values"]), batch_size=batch_size)
+        columns = [name for name in IMAGE_INPUTS if name in data.column_names]
+        data = DataLoader(data.with_format("torch", columns=columns), batch_size=batch_size)
     for batch in data:
         if isinstance(batch, dict) or hasattr(batch, "keys"):
             if "pixel_values" not in batch:
                 raise ValueError(f"Calibration batches need a `pixel_values` entry, got keys {list(batch.keys())}.")
-            yield batch["pixel_values"]
+            yield {name: batch[name] for name in IMAGE_INPUTS if name in batch}
         elif isinstance(batch, (list, tuple)):
-            yield batch[0]
+            yield {"pixel_values": batch[0]}
         elif isinstance(batch, torch.Tensor):
-            yield batch
+            yield {"pixel_values": batch}
         else:
             raise TypeError(
                 f"Calibration batches must be dicts with `pixel_values`, (pixels, labels) tuples or tensors; got "
@@ -213,13 +219,14 @@ def collect_features(
     progress = tqdm(total=total, desc="SHIP calibration", unit="img", disable=not show_progress)
     try:
         with adapters_disabled(model):
-            for pixel_values in _pixel_batches(data, batch_size):
-                pixel_values = pixel_values[: max_samples - count].to(device)
+            for inputs in _image_batches(data, batch_size):
+                inputs = {name: value[: max_samples - count].to(device) for name, value in inputs.items()}
                 per_block.clear()
-                model(pixel_values)
+                model(**inputs)
                 features.append(torch.stack(per_block, dim=1).float())
-                count += pixel_values.shape[0]
-                progress.update(pixel_values.shape[0])
+                taken = inputs["pixel_values"].shape[0]
+                count += taken
+                progress.update(taken)
                 if count >= max_samples:
                     break
     finally:

@@ -39,9 +39,18 @@ def gather_top_tokens(tokens: torch.Tensor, scores: torch.Tensor, k: int) -> tor
     return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def prompt_matching_loss(prompt_tokens: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
-    """docs/method.md §4: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``."""
-    return (1.0 - cosine(prompt_tokens, image_tokens)).amin(dim=-1).mean()
+def prompt_matching_loss(
+    prompt_tokens: torch.Tensor, image_tokens: torch.Tensor, chosen_scores: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """docs/method.md §4: mean over batch and prompts of ``min_t (1 - cos(prompt, image_token_t))``.
+
+    ``chosen_scores`` ``[B, T]`` are the ranking scores of ``image_tokens``: a token scored ``-inf`` is padding (a
+    sample with fewer valid tokens than ``T``) and takes no part.
+    """
+    cost = 1.0 - cosine(prompt_tokens, image_tokens)
+    if chosen_scores is not None:
+        cost = cost.masked_fill(chosen_scores.isinf()[:, None, :], float("inf"))
+    return cost.amin(dim=-1).mean()
 
 
 def leading(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:

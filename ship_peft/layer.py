@@ -477,7 +477,8 @@ class ShipBlock(nn.Module, ShipTunerLayer):
             group.top_tokens = gather_top_tokens(image_output, scores, config.num_attribute_prompts)
         if prompt_attention:
             top_tokens = gather_top_tokens(image_output, scores, config.matching_top_k)
-            group.matching_loss = prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens)
+            chosen = None if inputs.valid is None else scores.topk(top_tokens.shape[1], dim=-1).values
+            group.matching_loss = prompt_matching_loss(tokens[:, num_image_tokens:], top_tokens, chosen)
         return image_output
 
     def _advance_shared_path(

@@ -469,13 +469,31 @@ def head_size(model: nn.Module, adapter_name: str) -> Optional[int]:
 
 def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> None:
     """Clear errors for images the backbone cannot take: wrong rank, channels, size, or non-finite values."""
-    if pixel_values.ndim != 4:
+    processor = "prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)"
+    if backbone.pixel_layout == "patches":
+        if pixel_values.ndim != 3:
+            raise ValueError(
+                f"pixel_values must be patchified images [batch, patches, channels * patch * patch], got shape "
+                f"{tuple(pixel_values.shape)}; {processor}, which also gives `pixel_attention_mask` and "
+                f"`spatial_shapes`."
+            )
+    elif pixel_values.ndim != 4:
         raise ValueError(
             f"pixel_values must be a [batch, channels, height, width] tensor, got shape {tuple(pixel_values.shape)}; "
-            f"prepare images with the backbone's image processor (`AutoImageProcessor.from_pretrained(...)`)."
+            f"{processor}."
         )
     if pixel_values.shape[0] == 0:
         raise ValueError("pixel_values holds no image (batch size 0); pass at least one image per call.")
+    if backbone.pixel_layout == "images":
+        check_image_format(backbone, host, pixel_values, interpolate)
+    assert_values(
+        torch.isfinite(pixel_values).all(),
+        "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std).",
+    )
+
+
+def check_image_format(backbone: Backbone, host: nn.Module, pixel_values: torch.Tensor, interpolate: bool) -> None:
+    """Clear errors for ``[B, C, H, W]`` images of the wrong channels or size."""
     channels, height, width = pixel_values.shape[1:]
     expected_channels, expected_size = backbone.image_format(host)
     if channels != expected_channels:
@@ -488,7 +506,3 @@ def check_pixel_values(backbone: Backbone, host: nn.Module, pixel_values: torch.
             f"The images are {height}x{width} but the backbone takes {expected_size[0]}x{expected_size[1]}; resize "
             f"them with the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
         )
-    assert_values(
-        torch.isfinite(pixel_values).all(),
-        "pixel_values contain NaN or inf; check how the images are loaded and normalised (e.g. a zero std).",
-    )

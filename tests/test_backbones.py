@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
+    Aimv2VisionConfig,
+    Aimv2VisionModel,
     CLIPConfig,
     CLIPForImageClassification,
     CLIPVisionConfig,
@@ -33,13 +35,19 @@ from transformers import (
     DINOv3ViTBackbone,
     DINOv3ViTConfig,
     DINOv3ViTModel,
+    Siglip2Config,
+    Siglip2ForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTModel,
 )
 
 import ship_peft
 
 from utils import fill_prototypes, pixels, tiny_vit, tiny_vit_config
-from utils.naive_ship import BlockParts, linear, naive_ship_on_host, vit_parts
+from utils.naive_ship import BlockParts, ImageLayout, linear, naive_ship_on_host, vit_parts
 from test_forward_naive import (
     TIGHT,
     assert_grads_close,
@@ -65,6 +73,30 @@ def dinov3_config(**overrides) -> DINOv3ViTConfig:
         pos_embed_shift=0.1, pos_embed_jitter=1.2, pos_embed_rescale=1.5,
     )
     return DINOv3ViTConfig(**SIZES, **{**values, **overrides})
+
+
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=99)
+VISION = {**SIZES, "intermediate_size": 64}
+
+
+def siglip_classifier() -> SiglipForImageClassification:
+    """SigLIP with its classifier on the mean image token (no class token)."""
+    return SiglipForImageClassification(SiglipConfig(vision_config=VISION, text_config=TEXT, num_labels=3))
+
+
+def siglip2_classifier() -> Siglip2ForImageClassification:
+    """SigLIP 2 (NaFlex: patchified images with a padding mask), classifier on the mean valid image token."""
+    vision = {**VISION, "num_patches": 16}
+    vision.pop("image_size")
+    return Siglip2ForImageClassification(Siglip2Config(vision_config=vision, text_config=TEXT, num_labels=3))
+
+
+def naflex_inputs(batch: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A NaFlex batch of 16-patch images, some of them padded (grids 4x4, 3x4, 4x4, 4x3, ...)."""
+    shapes = torch.tensor([[4, 4], [3, 4], [4, 4], [4, 3]] * ((batch + 3) // 4))[:batch]
+    mask = (torch.arange(16)[None] < shapes.prod(-1)[:, None]).long()
+    patches = torch.randn(batch, 16, 3 * 4 * 4, generator=torch.Generator().manual_seed(seed))
+    return {"pixel_values": patches, "pixel_attention_mask": mask, "spatial_shapes": shapes}
 
 
 def clip_vision_config() -> CLIPVisionConfig:
@@ -98,10 +130,24 @@ MODELS = {
     "dinov3": (lambda: ship_peft.ImageClassifier(DINOv3ViTModel(dinov3_config()), 3), True),
     "dinov3_bare": (lambda: DINOv3ViTModel(dinov3_config(use_gated_mlp=False, key_bias=True)), False),
     "dinov3_backbone": (lambda: DINOv3ViTBackbone(dinov3_config(out_indices=[2, 4])), False),
+    "siglip": (siglip_classifier, True),
+    "siglip_vision": (lambda: SiglipVisionModel(SiglipVisionConfig(**VISION, vision_use_head=True)), False),
+    "siglip2": (siglip2_classifier, True),
+    "aimv2": (lambda: ship_peft.ImageClassifier(Aimv2VisionModel(Aimv2VisionConfig(**VISION, use_head=False)), 3), True),
+    "aimv2_bare": (lambda: Aimv2VisionModel(Aimv2VisionConfig(**VISION, use_head=True, qkv_bias=True)), False),
     "clip": (clip_classifier, True),
     "clip_vision": (lambda: CLIPVisionModel(clip_vision_config()), False),
 }
 HEADED = [name for name, (_, headed) in MODELS.items() if headed]
+
+
+#: families without a class token: SHIP's image summary is the mean of the (valid) image tokens
+MEAN_SUMMARY = ("siglip", "aimv2")
+
+
+def model_inputs(name: str, batch: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    """What the family's model takes: images, or SigLIP 2's NaFlex batch."""
+    return naflex_inputs(batch, seed) if name.startswith("siglip2") else {"pixel_values": pixels(batch, seed=seed)}
 
 
 def plain_model(name: str, seed: int = 0) -> torch.nn.Module:
@@ -129,20 +175,20 @@ def outputs_of(output) -> list[torch.Tensor]:
 def test_zero_prompt_weight_reproduces_the_backbone(name):
     plain = plain_model(name)
     model = ship_on(plain, prompt_attention_weight=0.0)
-    x = pixels()
+    x = model_inputs(name)
     for train in (False, True):
         plain.train(train)
         model.train(train)
         torch.manual_seed(0)  # the same draws of any training-time randomness of the host (DINOv3's positions)
-        expected = outputs_of(plain(x))
+        expected = outputs_of(plain(**x))
         torch.manual_seed(0)
-        got = outputs_of(model(x))
+        got = outputs_of(model(**x))
         assert len(got) == len(expected) > 0
         for a, b in zip(got, expected):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # and with lambda > 0 the prompts do change the outputs (the comparison above is not vacuous)
     model = ship_on(plain).eval()
-    assert not torch.allclose(outputs_of(model(x))[0], outputs_of(plain.eval()(x))[0], atol=1e-4)
+    assert not torch.allclose(outputs_of(model(**x))[0], outputs_of(plain.eval()(**x))[0], atol=1e-4)
 
 
 def naive_parts(block) -> BlockParts:
@@ -162,12 +208,34 @@ def naive_parts(block) -> BlockParts:
             block.norm1, a.q_proj, a.k_proj, a.v_proj, a.o_proj, block.norm2, feed,
             block.layer_scale1.lambda1, block.layer_scale2.lambda1,
         )
-    a, mlp = block.self_attn, block.mlp  # CLIP: quick GELU
-    quick_gelu = lambda h: h * torch.sigmoid(1.702 * h)
+    if hasattr(block, "rms_norm1"):  # AIMv2: RMSNorm, SwiGLU
+        a, ffn = block.attention, block.ffn
+        return BlockParts(
+            block.rms_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, block.rms_norm2,
+            lambda x: linear(F.silu(linear(x, ffn.gate_proj)) * linear(x, ffn.up_proj), ffn.down_proj),
+        )
+    a, mlp = block.self_attn, block.mlp  # CLIP: quick GELU; SigLIP: tanh GELU
+    if type(block).__name__.startswith("Siglip"):
+        activation = lambda h: F.gelu(h, approximate="tanh")
+    else:
+        activation = lambda h: h * torch.sigmoid(1.702 * h)
     return BlockParts(
         block.layer_norm1, a.q_proj, a.k_proj, a.v_proj, a.out_proj, block.layer_norm2,
-        lambda x: linear(quick_gelu(linear(x, mlp.fc1)), mlp.fc2),
+        lambda x: linear(activation(linear(x, mlp.fc1)), mlp.fc2),
     )
+
+
+def naive_layout(name: str, inputs: dict[str, torch.Tensor]):
+    """The family's image layout, read from the host's block arguments (DINOv3's rotary positions) or the model's
+    inputs (SigLIP 2's padding)."""
+    valid = inputs["pixel_attention_mask"].bool() if "pixel_attention_mask" in inputs else None
+    summary = "mean" if name.startswith(MEAN_SUMMARY) else "cls"
+
+    def layout_of(args: tuple, kwargs: dict) -> ImageLayout:
+        rotate = naive_rotary(kwargs) if name.startswith("dinov3") else None
+        return ImageLayout(rotate=rotate, valid=valid, summary=summary)
+
+    return layout_of
 
 
 def naive_rotary(block_kwargs: dict):
@@ -203,25 +271,31 @@ def test_training_matches_the_naive_oracle(name, case):
     plain.double()
     model = ship_on(plain, **NAIVE_CASES[case]).double().train()  # the prompts too
     plain_copy = copy.deepcopy(plain).train()
-    x = pixels(seed=1).double()
+    inputs = {key: value.double() if value.is_floating_point() else value for key, value in model_inputs(name, seed=1).items()}
+    x = inputs.pop("pixel_values")
     naive = naive_prompts(model)
     hyper = hyper_parameters(model)
     heads = head_names(model)
     plain_blocks = list(plain_copy.get_submodule(model.peft_config["default"].target_modules[0]))
     parts = [naive_parts(block) for block in plain_blocks]
     num_heads = SIZES["num_attention_heads"]
-    rotary = naive_rotary if name.startswith("dinov3") else None
     torch.manual_seed(0)  # the same draws of the host's training-time randomness (DINOv3's positions)
-    expected = naive_ship_on_host(plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS, rotary=rotary)
+    expected = naive_ship_on_host(
+        plain_copy, plain_blocks, parts, num_heads, naive, hyper, x, LABELS, layout_of=naive_layout(name, inputs),
+        **inputs,
+    )
     assert_no_near_ties(expected)
     torch.manual_seed(0)
     with ship_peft.record_matching_loss() as call:
-        outputs = model(pixel_values=x, labels=LABELS) if "teacher" not in name else model(pixel_values=x)
+        labels = {} if "teacher" in name else {"labels": LABELS}
+        outputs = model(pixel_values=x, **inputs, **labels)
     loss = getattr(outputs, "loss", None)
     if loss is None:  # DeiT with teacher computes no loss: add the matching loss as a user would
         loss = F.cross_entropy(outputs.logits, LABELS) + hyper.matching_loss_weight * call.matching_loss
-    torch.testing.assert_close(outputs.logits, expected.logits, **TIGHT)
-    torch.testing.assert_close(loss, expected.loss, **TIGHT)
+    # AIMv2's RMSNorm computes in float32 whatever the model's dtype: float32 agreement is all there is to have
+    tolerance = dict(rtol=1e-5, atol=1e-6) if name.startswith("aimv2") else TIGHT
+    torch.testing.assert_close(outputs.logits, expected.logits, **tolerance)
+    torch.testing.assert_close(loss, expected.loss, **tolerance)
     package = {f"prompt.{n}": p for n, p in ship_peft.get_prompt_bank(model).ship_prompts["default"].named_parameters()}
     oracle = {"prompt.semantic_prompts." + str(g): p for g, p in enumerate(naive.semantic_prompts)}
     oracle.update({"prompt.shared_prompts": naive.shared_prompts, "prompt.attribute_prompts": naive.attribute_prompts})
@@ -230,43 +304,54 @@ def test_training_matches_the_naive_oracle(name, case):
             package[f"{head}.{n}"] = p
             oracle[f"{head}.{n}"] = plain_copy.get_submodule(head).get_parameter(n)
     oracle = {k: v for k, v in oracle.items() if v is not None}
-    assert_grads_close(grads(loss, package), grads(expected.loss, oracle), TIGHT, "loss")
+    assert_grads_close(grads(loss, package), grads(expected.loss, oracle), tolerance, "loss")
 
 
-def block_inputs_cls(plain, x) -> torch.Tensor:
-    """The plain model's CLS token after every block, ``[B, L, D]`` (through its own output_hidden_states)."""
-    hidden = plain(x, output_hidden_states=True).hidden_states[1:]
-    return torch.stack([h[:, 0] for h in hidden], dim=1)
+def block_summaries(name: str, plain, inputs: dict) -> torch.Tensor:
+    """The plain model's image summary after every block, ``[B, L, D]`` (through its own output_hidden_states): the
+    CLS token, or for the families without one the mean of the valid image tokens."""
+    hidden = plain(**inputs, output_hidden_states=True).hidden_states[1:]
+    if not name.startswith(MEAN_SUMMARY):
+        return torch.stack([h[:, 0] for h in hidden], dim=1)
+    valid = inputs.get("pixel_attention_mask", torch.ones(hidden[0].shape[:2])).float()[..., None]
+    return torch.stack([(h * valid).sum(1) / valid.sum(1) for h in hidden], dim=1)
 
 
-@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "clip", "dinov2_bare", "dinov3"])
-def test_calibration_reads_each_family_s_cls_features(name):
+@pytest.mark.parametrize(
+    "name", ["deit", "dinov2_registers", "clip", "dinov2_bare", "dinov3", "siglip", "siglip2", "aimv2_bare"]
+)
+def test_calibration_reads_each_family_s_image_summary(name):
     plain = plain_model(name, seed=2)
-    model = get_peft_model(copy.deepcopy(plain), ship_peft.ShipConfig(num_prompts=2, num_prototypes=3, share_threshold=0.99))
-    x = pixels(8, seed=2)
-    features = ship_peft.calibration.collect_features(model, [x], show_progress=False)
-    torch.testing.assert_close(features, block_inputs_cls(plain, x))
-    result = ship_peft.initialize_ship_weights(model, [x], show_progress=False)
-    assert result.prompt_layers == ship_peft.semantic_levels(ship_peft.layer_affinity(features), 0.99)
+    config = ship_peft.ShipConfig(num_prompts=2, num_prototypes=3, share_threshold=0.9999)  # several levels
+    model = get_peft_model(copy.deepcopy(plain), config)
+    inputs = model_inputs(name, 8, seed=2)
+    features = ship_peft.calibration.collect_features(model, [inputs], show_progress=False)
+    torch.testing.assert_close(features, block_summaries(name, plain, inputs))
+    result = ship_peft.initialize_ship_weights(model, [inputs], show_progress=False)
+    assert result.prompt_layers == ship_peft.semantic_levels(ship_peft.layer_affinity(features), 0.9999)
     assert result.prototypes.shape == (3, 32)
-    model.train()(x)  # calibrated: the adapter runs
+    model.train()(**inputs)  # calibrated: the adapter runs
 
 
-@pytest.mark.parametrize("name", ["deit_teacher", "dinov2_swiglu", "dinov3", "dinov3_backbone", "clip", "clip_vision"])
+@pytest.mark.parametrize(
+    "name",
+    ["deit_teacher", "dinov2_swiglu", "dinov3", "dinov3_backbone", "clip", "clip_vision", "siglip_vision", "siglip2",
+     "aimv2"],
+)
 def test_save_load_cache_and_checkpointing(name, tmp_path):
     plain = plain_model(name, seed=3)
     model = ship_on(plain).eval()
-    x = pixels(seed=3)
-    expected = outputs_of(model(x))
+    x = model_inputs(name, seed=3)
+    expected = outputs_of(model(**x))
     model.save_pretrained(tmp_path)
     if name == "deit_teacher":
         keys = set(load_file(tmp_path / "adapter_model.safetensors"))
         assert any("cls_classifier" in k for k in keys) and any("distillation_classifier" in k for k in keys)
     reloaded = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path).eval()
-    for a, b in zip(outputs_of(reloaded(x)), expected):
+    for a, b in zip(outputs_of(reloaded(**x)), expected):
         torch.testing.assert_close(a, b)
     reloaded.enable_prompt_cache()
-    for a, b in zip(outputs_of(reloaded(x)), expected):
+    for a, b in zip(outputs_of(reloaded(**x)), expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert ship_peft.get_prompt_bank(reloaded).prompt_cache._memo
 
@@ -276,7 +361,7 @@ def test_save_load_cache_and_checkpointing(name, tmp_path):
         trained = ship_on(plain).train()
         if checkpointing:
             trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        outputs_of(trained(x))[0].square().mean().backward()
+        outputs_of(trained(**x))[0].square().mean().backward()
         gradients.append({n: p.grad for n, p in trained.named_parameters() if p.requires_grad and p.grad is not None})
     assert gradients[0].keys() == gradients[1].keys() and gradients[0]
     for key in gradients[0]:
@@ -304,12 +389,11 @@ def test_a_dinov2_adapter_loads_in_a_fresh_process(tmp_path):
 
 
 def test_unsupported_models_say_why_and_list_the_families():
-    from transformers import SiglipVisionConfig, SiglipVisionModel
+    from transformers import SwinConfig, SwinModel
 
-    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                                  num_attention_heads=2, image_size=16, patch_size=4))
-    with pytest.raises(TypeError, match="no CLS token.*Supported: transformers ViT / DeiT; transformers DINOv2"):
-        get_peft_model(siglip, ship_peft.ShipConfig())
+    swin = SwinModel(SwinConfig(image_size=16, patch_size=4, embed_dim=8, depths=[1], num_heads=[1], window_size=2))
+    with pytest.raises(TypeError, match="windowed attention.*Supported: transformers ViT / DeiT; transformers DINOv2"):
+        get_peft_model(swin, ship_peft.ShipConfig())
     with pytest.raises(ValueError, match=r"matches none of the block sequences SHIP can wrap .*\['vit.layers'\]"):
         get_peft_model(tiny_vit(), ship_peft.ShipConfig(target_modules=["vit.layers.0"]))
 
@@ -322,7 +406,7 @@ def test_attention_mask_is_a_clear_error():
         model(pixel_values=pixels(), attention_mask=mask)
 
 
-@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "dinov3_bare", "clip"])
+@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "dinov3_bare", "clip", "siglip", "aimv2_bare"])
 def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, capsys):
     from ship_peft.app.cli import main
     from test_data import save_dataset
@@ -340,3 +424,35 @@ def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, 
     adapter = tmp_path / "out" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert main(["evaluate", str(adapter), "--dataset", str(dataset)]) == 0
+
+
+def test_the_image_summary_is_the_class_token_where_there_is_one_and_else_the_mean():
+    """docs/method.md §7: ``image_summary="auto"`` keeps the paper's CLS token; "mean" is an explicit option."""
+    vit = ship_on(plain_model("vit"))
+    assert ship_peft.get_prompt_bank(vit).summary_of(vit.peft_config["default"]) == "cls"
+    siglip = ship_on(plain_model("siglip"))
+    assert ship_peft.get_prompt_bank(siglip).summary_of(siglip.peft_config["default"]) == "mean"
+    with pytest.raises(ValueError, match="needs a class token.*image_summary='mean' or 'auto'"):
+        ship_on(plain_model("siglip"), image_summary="cls")
+    x = pixels(seed=7)
+    torch.manual_seed(0)
+    by_cls = ship_on(plain_model("vit")).train()(pixel_values=x, labels=LABELS)
+    torch.manual_seed(0)
+    by_mean = ship_on(plain_model("vit"), image_summary="mean").train()(pixel_values=x, labels=LABELS)
+    assert not torch.allclose(by_mean.matching_loss, by_cls.matching_loss)  # another ranking, another loss
+
+
+def test_the_matching_loss_leaves_out_padding_a_short_image_ranks():
+    """A NaFlex image with fewer valid tokens than ``matching_top_k`` ranks padding (score -inf) among its top
+    tokens; the matching loss leaves those out."""
+    from ship_peft.functional import prompt_matching_loss
+
+    prompts, tokens = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 4, 8, dtype=torch.float64)
+    scores = torch.tensor([[3.0, 2.0, 1.0, 0.5], [3.0, 2.0, float("-inf"), float("-inf")]], dtype=torch.float64)
+    tokens_with_garbage = tokens.clone()
+    tokens_with_garbage[1, 2:] = prompts[1, :2]  # padding rows that would match the prompts perfectly
+    loss = prompt_matching_loss(prompts, tokens_with_garbage, scores)
+    expected = torch.stack(
+        [prompt_matching_loss(prompts[:1], tokens[:1]), prompt_matching_loss(prompts[1:], tokens[1:, :2])]
+    ).mean()
+    torch.testing.assert_close(loss, expected)

@@ -95,3 +95,10 @@ def test_target_modules_as_a_string():
     assert model.peft_config["default"].target_modules == ["vit.layers"]
     with pytest.raises(ValueError, match="matches none of the block sequences"):
         get_peft_model(tiny_vit(), ShipConfig(num_prompts=2, prompt_layers=[0], target_modules="vit"))
+
+
+@pytest.mark.parametrize("value", ["CLS", "max", None])
+def test_image_summary_takes_one_of_its_values(value):
+    with pytest.raises(ValueError, match="ShipConfig.image_summary must be one of 'auto', 'cls', 'mean'"):
+        ShipConfig(image_summary=value)
+    assert ShipConfig().image_summary == "auto"

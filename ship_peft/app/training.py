@@ -110,9 +110,9 @@ class TrainedMethod:
 
 
 #: transformers model types the command line trains with their own classifier (``AutoModelForImageClassification``)
-CLASSIFIER_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip")
+CLASSIFIER_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "siglip", "siglip2")
 #: bare backbones (``AutoModel``) the command line trains with a linear head (:class:`ship_peft.ImageClassifier`)
-BARE_MODEL_TYPES = ("dinov3_vit",)
+BARE_MODEL_TYPES = ("dinov3_vit", "siglip_vision_model", "siglip2_vision_model", "aimv2_vision_model")
 #: every model type the command line trains, see ``ship_peft.backbones``
 SUPPORTED_MODEL_TYPES = CLASSIFIER_MODEL_TYPES + BARE_MODEL_TYPES
 

@@ -9,24 +9,30 @@ from typing import Optional
 
 from torch import nn
 
+from .aimv2 import Aimv2Backbone
 from .base import Backbone, TransformersBackbone, split_heads
 from .clip import CLIPBackbone
 from .dinov2 import Dinov2Backbone
 from .dinov3 import DINOv3Backbone
+from .siglip import Siglip2Backbone, SiglipBackbone
 from .vit import ViTBackbone
 
 #: The transformers families; timm's join when a timm model is given (:func:`timm_families`).
-FAMILIES: list[type[Backbone]] = [ViTBackbone, Dinov2Backbone, DINOv3Backbone, CLIPBackbone]
+FAMILIES: list[type[Backbone]] = [
+    ViTBackbone,
+    Dinov2Backbone,
+    DINOv3Backbone,
+    CLIPBackbone,
+    SiglipBackbone,
+    Siglip2Backbone,
+    Aimv2Backbone,
+]
 
 #: The oldest timm whose VisionTransformer SHIP supports.
 TIMM_MINIMUM = (1, 0)
 
 #: Vision Transformers SHIP cannot run exactly, by class name, and why.
 UNSUPPORTED: dict[str, str] = {
-    **dict.fromkeys(
-        ("SiglipVisionModel", "SiglipVisionTransformer", "Siglip2VisionModel", "Siglip2VisionTransformer"),
-        "SigLIP has no CLS token (it pools with attention), and SHIP ranks image tokens by the CLS query",
-    ),
     **dict.fromkeys(
         ("SwinModel", "Swinv2Model", "SwinTransformer", "SwinTransformerV2"),
         "Swin uses windowed attention, where prompt tokens have no place",

@@ -83,6 +83,7 @@ class Backbone:
         host_types: the module types that hold the block sequence (matched with ``isinstance``).
         blocks_path: where the block sequence lies below its host (``"layers"``, ``"encoder.layer"``, ...).
         head_names: the model's classifiers, trained in full and saved with the adapter (``modules_to_save``).
+        pixel_layout: how the model takes its images.
 
     Every method takes the block module it works on, so a family holds no state.
     """
@@ -91,6 +92,8 @@ class Backbone:
     host_types: ClassVar[tuple[type[nn.Module], ...]]
     blocks_path: ClassVar[str]
     head_names: ClassVar[tuple[str, ...]]
+    #: ``"images"``: pixel_values ``[B, C, H, W]``; ``"patches"``: patchified ``[B, P, C * p * p]`` (NaFlex)
+    pixel_layout: ClassVar[str] = "images"
 
     @classmethod
     def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
@@ -199,7 +202,7 @@ class TransformersBackbone(Backbone):
         return block._gradient_checkpointing_func if getattr(block, "gradient_checkpointing", False) else None
 
     def hidden_size(self, block: nn.Module) -> int:
-        return block.get_submodule(self.norm1_path).normalized_shape[0]
+        return block.get_submodule(self.norm1_path).weight.shape[0]
 
     def image_format(self, host):
         size = host.config.image_size

@@ -108,8 +108,13 @@ def linear(x: Tensor, module: torch.nn.Linear) -> Tensor:
     return out + module.bias if module.bias is not None else out
 
 
-def layer_norm(x: Tensor, module: torch.nn.LayerNorm) -> Tensor:
-    """``(x - mean) / sqrt(var + eps) * gamma + beta`` over the last dimension (biased variance)."""
+def layer_norm(x: Tensor, module: torch.nn.Module) -> Tensor:
+    """``(x - mean) / sqrt(var + eps) * gamma + beta`` over the last dimension (biased variance); for an RMSNorm
+    module (AIMv2: ``variance_epsilon``, no bias), ``x / sqrt(mean(x^2) + eps) * gamma``."""
+    if hasattr(module, "variance_epsilon"):  # in float32 for any input, as AIMv2's RMSNorm computes it
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + module.variance_epsilon)
+        return module.weight * normed.to(x.dtype)
     mean = x.mean(dim=-1, keepdim=True)
     var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
     return (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
@@ -154,10 +159,30 @@ def embed(vit, pixel_values: Tensor) -> Tensor:
     return torch.cat([cls, patches], dim=1) + vit.embeddings.position_embeddings
 
 
-def softmax_attention(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """One head: ``softmax(q k^T / sqrt(d)) v`` for ``q [B, n, d]``, ``k, v [B, m, d]`` -> ``[B, n, d]``."""
+def softmax_attention(query: Tensor, key: Tensor, value: Tensor, visible: Optional[Tensor] = None) -> Tensor:
+    """One head: ``softmax(q k^T / sqrt(d)) v`` for ``q [B, n, d]``, ``k, v [B, m, d]`` -> ``[B, n, d]``, over the
+    keys ``visible`` ``[B, m]`` lets every query see (None: all)."""
     scores = query @ key.transpose(1, 2) / math.sqrt(query.shape[-1])
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1) @ value
+
+
+@dataclass
+class ImageLayout:
+    """What a family's image tokens need beyond a ViT's: ``rotate`` (the host's rotary embedding of one head's image
+    queries and keys ``[B, N, d]``; prompts carry no position), ``valid`` (``[B, N]``, False for padding) and the
+    image ``summary`` that ranks the tokens: the CLS token, or the mean of the valid image tokens entering the layer,
+    through LN1 and the query projection (docs/method.md §7)."""
+
+    rotate: Optional[Callable[[Tensor], Tensor]] = None
+    valid: Optional[Tensor] = None
+    summary: str = "cls"
+
+    def mean(self, tokens: Tensor) -> Tensor:
+        """The mean of the valid rows of ``tokens [B, N, D]`` -> ``[B, 1, D]``."""
+        weights = torch.ones(tokens.shape[:2], dtype=tokens.dtype) if self.valid is None else self.valid.to(tokens.dtype)
+        return (tokens * weights[..., None]).sum(dim=1, keepdim=True) / weights.sum(dim=1)[:, None, None]
 
 
 def top_tokens(tokens: Tensor, scores: Tensor, k: int) -> Tensor:
@@ -185,13 +210,13 @@ def ship_layer(
     lam: float,
     decoupled: bool,
     is_last: bool,
-    rotate: Optional[Callable[[Tensor], Tensor]] = None,
+    layout: ImageLayout = ImageLayout(),
 ) -> tuple[Tensor, Tensor]:
-    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (docs/method.md §3); ``rotate`` is the host's
-    rotary position embedding of one head's image queries and keys ``[B, N, d]`` (prompts carry no position).
+    """One pre-norm ViT layer on ``[x ; P]`` with SHIP's attention (docs/method.md §3), for image tokens laid out as
+    ``layout`` says.
 
-    Returns the layer output ``[B, N + P, D]`` and the CLS query's pre-softmax scores over the ``N`` image keys,
-    averaged over heads, ``[B, N]``.
+    Returns the layer output ``[B, N + P, D]`` and the image summary's pre-softmax scores over the ``N`` image keys,
+    averaged over heads, ``[B, N]`` (padding: ``-inf``).
     """
     num_image = image_tokens.shape[1]
     tokens = torch.cat([image_tokens, prompt_tokens], dim=1)
@@ -201,24 +226,28 @@ def ship_layer(
     head_dim = hidden // num_heads
 
     q, k, v = linear(h, parts.q), linear(h, parts.k), linear(h, parts.v)
+    summary_q = linear(layer_norm(layout.mean(image_tokens), parts.ln1), parts.q) if layout.summary == "mean" else None
+    valid = layout.valid
+    visible = None if valid is None else torch.cat([valid, torch.ones_like(prompt_tokens[..., 0], dtype=torch.bool)], 1)
     image_outputs, prompt_outputs, cls_scores = [], [], []
     for head in range(num_heads):
         cols = slice(head * head_dim, (head + 1) * head_dim)
         q_v, k_v, v_v = q[:, :num_image, cols], k[:, :num_image, cols], v[:, :num_image, cols]
         q_p, k_p, v_p = q[:, num_image:, cols], k[:, num_image:, cols], v[:, num_image:, cols]
-        if rotate is not None:
-            q_v, k_v = rotate(q_v), rotate(k_v)
+        if layout.rotate is not None:
+            q_v, k_v = layout.rotate(q_v), layout.rotate(k_v)
         k_all, v_all = torch.cat([k_v, k_p], dim=1), v[:, :, cols]
-        cls_scores.append(q_v[:, 0].unsqueeze(1) @ k_v.transpose(1, 2) / math.sqrt(head_dim))  # [B, 1, N]
+        q_summary = q_v[:, :1] if summary_q is None else summary_q[:, :, cols]
+        cls_scores.append(q_summary @ k_v.transpose(1, 2) / math.sqrt(head_dim))  # [B, 1, N]
         if decoupled:
             image_outputs.append(
-                (1 - lam) * softmax_attention(q_v, k_v, v_v) + lam * softmax_attention(q_v, k_p, v_p)
+                (1 - lam) * softmax_attention(q_v, k_v, v_v, valid) + lam * softmax_attention(q_v, k_p, v_p)
             )
             if is_last:
-                prompt_outputs.append(softmax_attention(q_p, k_all, v_all))
+                prompt_outputs.append(softmax_attention(q_p, k_all, v_all, visible))
         else:
-            image_outputs.append(softmax_attention(q_v, k_all, v_all))
-            prompt_outputs.append(softmax_attention(q_p, k_all, v_all))
+            image_outputs.append(softmax_attention(q_v, k_all, v_all, visible))
+            prompt_outputs.append(softmax_attention(q_p, k_all, v_all, visible))
 
     a_v = torch.cat(image_outputs, dim=-1)
     if decoupled and not is_last:
@@ -230,7 +259,7 @@ def ship_layer(
     branch = parts.mlp(layer_norm(y, parts.ln2))
     out = y + (branch if parts.ls2 is None else branch * parts.ls2)
     scores = torch.stack(cls_scores, dim=0).mean(dim=0).squeeze(1)  # mean over heads -> [B, N]
-    return out, scores
+    return out, scores if valid is None else scores.masked_fill(~valid, float("-inf"))
 
 
 def attribute_prompts(top: Tensor, prototypes: Tensor, parameter: Tensor, beta: float) -> Tensor:
@@ -273,7 +302,7 @@ def prompts_entering(
 
 def naive_ship_encoder(
     x: Tensor, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
-    training: bool, choices: list[TopKChoice], rotate: Optional[Callable[[Tensor], Tensor]] = None,
+    training: bool, choices: list[TopKChoice], layout: ImageLayout = ImageLayout(),
 ) -> tuple[Tensor, Optional[Tensor]]:
     """SHIP through the blocks ``parts`` from the image tokens ``x``: the last block's image tokens and, in training,
     the matching loss (docs/method.md §2-§4)."""
@@ -307,7 +336,7 @@ def naive_ship_encoder(
             lam=hyper.prompt_attention_weight,
             decoupled=hyper.decoupled_attention,
             is_last=(i == last),
-            rotate=rotate,
+            layout=layout,
         )
         x, prompt_output = out[:, : x.shape[1]], out[:, x.shape[1] :]
     pml = None
@@ -353,22 +382,22 @@ def naive_ship_forward(
 def naive_ship_on_host(
     model, blocks, parts: list[BlockParts], num_heads: int, prompts: NaivePrompts, hyper: NaiveHyperParameters,
     pixel_values: Tensor, labels: Optional[Tensor] = None, training: bool = True,
-    rotary: Optional[Callable[[dict], Callable[[Tensor], Tensor]]] = None,
+    layout_of: Callable[[tuple, dict], ImageLayout] = lambda args, kwargs: ImageLayout(), **inputs: Tensor,
 ) -> NaiveOutput:
     """SHIP on any plain model whose blocks are ``blocks``: the model's own embeddings and head run, and a forward
     hook on the last block replaces its output with the naive SHIP encoder's (computed from the first block's
-    input; ``rotary`` makes the rotary embedding from the keyword arguments the host gave it). ``model(pixel_values)``
-    must return an output with ``logits`` or the logits."""
+    input; ``layout_of`` reads the image layout from the other arguments the host gave it).
+    ``model(pixel_values, **inputs)`` must return an output with ``logits`` or the logits."""
     choices: list[TopKChoice] = []
     captured: dict = {}
 
     def take_input(module, args, kwargs):
         captured.setdefault("x", args[0])
-        captured.setdefault("rotate", rotary(kwargs) if rotary else None)
+        captured.setdefault("layout", layout_of(args[1:], kwargs))
 
     def replace_output(module, args, output):
         x, captured["pml"] = naive_ship_encoder(
-            captured["x"], parts, num_heads, prompts, hyper, training, choices, captured["rotate"]
+            captured["x"], parts, num_heads, prompts, hyper, training, choices, captured["layout"]
         )
         return x
 
@@ -377,7 +406,7 @@ def naive_ship_on_host(
         blocks[-1].register_forward_hook(replace_output),
     ]
     try:
-        output = model(pixel_values)
+        output = model(pixel_values, **inputs)
     finally:
         for handle in handles:
             handle.remove()
