@@ -221,10 +221,11 @@ def collect_features(
         with adapters_disabled(model):
             for inputs in _image_batches(data, batch_size):
                 inputs = {name: value[: max_samples - count].to(device) for name, value in inputs.items()}
+                pixel_values = inputs.pop("pixel_values")
                 per_block.clear()
-                model(**inputs)
+                model(pixel_values, **inputs)  # positional: timm models name it `x`
                 features.append(torch.stack(per_block, dim=1).float())
-                taken = inputs["pixel_values"].shape[0]
+                taken = pixel_values.shape[0]
                 count += taken
                 progress.update(taken)
                 if count >= max_samples:

@@ -43,7 +43,7 @@ UNSUPPORTED: dict[str, str] = {
     ),
 }
 
-TIMM_NAME = "timm VisionTransformer with a class token (`pip install ship-peft[timm]`)"
+TIMM_NAME = "timm VisionTransformer and Eva (EVA-02, DINOv3, Perception Encoder; `pip install ship-peft[timm]`)"
 
 
 def supported_families() -> str:
@@ -60,9 +60,10 @@ def timm_families() -> list[type[Backbone]]:
             f"SHIP supports timm >= {'.'.join(map(str, TIMM_MINIMUM))}, but timm {version} is installed: "
             f'`pip install -U "timm>={".".join(map(str, TIMM_MINIMUM))}"` (or `pip install "ship-peft[timm]"`).'
         )
+    from .timm_eva import TimmEvaBackbone
     from .timm_vit import TimmViTBackbone
 
-    return [TimmViTBackbone]
+    return [TimmViTBackbone, TimmEvaBackbone]
 
 
 def family_of(host: nn.Module) -> Optional[type[Backbone]]:

@@ -140,6 +140,7 @@ class BlockParts:
     mlp: "callable"
     ls1: Optional[Tensor] = None
     ls2: Optional[Tensor] = None
+    attention_norm: Optional[torch.nn.Module] = None  # a norm of the attention output before ``o`` (EVA-02)
 
 
 def vit_parts(layer) -> BlockParts:
@@ -254,7 +255,10 @@ def ship_layer(
         a_p = h_p  # prompts bypass attention: not even W_v is applied
     else:
         a_p = torch.cat(prompt_outputs, dim=-1)
-    branch = linear(torch.cat([a_v, a_p], dim=1), parts.o)
+    attended = torch.cat([a_v, a_p], dim=1)
+    if parts.attention_norm is not None:
+        attended = layer_norm(attended, parts.attention_norm)
+    branch = linear(attended, parts.o)
     y = tokens + (branch if parts.ls1 is None else branch * parts.ls1)
     branch = parts.mlp(layer_norm(y, parts.ln2))
     out = y + (branch if parts.ls2 is None else branch * parts.ls2)
