@@ -406,13 +406,19 @@ def test_attention_mask_is_a_clear_error():
         model(pixel_values=pixels(), attention_mask=mask)
 
 
-@pytest.mark.parametrize("name", ["deit", "dinov2_registers", "dinov3_bare", "clip", "siglip", "aimv2_bare"])
+@pytest.mark.parametrize(
+    "name", ["deit", "dinov2_registers", "dinov3_bare", "clip", "siglip", "siglip2", "aimv2_bare"]
+)
 def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, capsys):
     from ship_peft.app.cli import main
     from test_data import save_dataset
 
     folder = tmp_path / name
     plain_model(name, seed=6).save_pretrained(folder)
+    if name == "siglip2":  # NaFlex: the processor patchifies the images, with a padding mask
+        from transformers import Siglip2ImageProcessor
+
+        Siglip2ImageProcessor(patch_size=4, max_num_patches=16).save_pretrained(folder)
     dataset = save_dataset(tmp_path, {"train": 24, "test": 6})
     common = ["--model", str(folder), "--dataset", str(dataset), "--no-progress"]
     assert main(["calibrate", *common, "--output-dir", str(tmp_path / "calibration")]) == 0
@@ -456,3 +462,9 @@ def test_the_matching_loss_leaves_out_padding_a_short_image_ranks():
         [prompt_matching_loss(prompts[:1], tokens[:1]), prompt_matching_loss(prompts[1:], tokens[1:, :2])]
     ).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_siglip2_needs_patchified_images():
+    model = ship_on(plain_model("siglip2"))
+    with pytest.raises(ValueError, match=r"patchified images.*pixel_attention_mask"):
+        model(pixel_values=pixels(), pixel_attention_mask=torch.ones(4, 16), spatial_shapes=torch.tensor([[4, 4]] * 4))

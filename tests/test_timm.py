@@ -309,3 +309,15 @@ def test_each_timm_family_saves_loads_caches_and_checkpoints(name, tmp_path):
         gradients.append({n: p.grad for n, p in trained.named_parameters() if p.requires_grad})
     for key in gradients[0]:
         torch.testing.assert_close(gradients[1][key], gradients[0][key], msg=key)
+
+
+@pytest.mark.parametrize(
+    "overrides, reason",
+    [({"attn_type": "rope", "qkv_fused": False, "num_kv_heads": 1}, "grouped-query"), ({"use_post_norm": True}, "EvaBlock")],
+    ids=["grouped-query-attention", "post-norm"],
+)
+def test_eva_blocks_ship_does_not_model_are_clear_errors(overrides, reason):
+    torch.manual_seed(0)
+    eva = Eva(**COMMON, use_rot_pos_emb=True, ref_feat_shape=(4, 4), **overrides)
+    with pytest.raises(TypeError, match=rf"SHIP does not support this Eva: .*{reason}.*Supported: "):
+        get_peft_model(eva, ship_peft.ShipConfig(num_prompts=2, prompt_layers=[0]))

@@ -438,7 +438,7 @@ class DataSpec:
 def _processor(model_path: str, adapter: Optional[str] = None) -> Any:
     """The image processor saved with ``adapter`` (if given), else the backbone's, else the recipe's default."""
     sources = [adapter] if adapter else []
-    image_size = vision_config(backbone_config(model_path)).image_size
+    image_size = getattr(vision_config(backbone_config(model_path)), "image_size", None)  # NaFlex: none
     return load_image_processor([*sources, resolve_model_path(model_path)], image_size)
 
 

@@ -23,6 +23,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, ViTImageProcessorPil
 
 from ..assets import DIGITS_FILE
+from ..calibration import IMAGE_INPUTS
 from .errors import InputError
 
 IMAGE, LABEL = "image", "label"
@@ -248,10 +249,10 @@ def load_data(
     )
 
 
-def load_image_processor(sources: Union[str, Sequence[str]], image_size: int) -> Any:
+def load_image_processor(sources: Union[str, Sequence[str]], image_size: Optional[int]) -> Any:
     """The first image processor found in ``sources`` (folders or Hub ids: e.g. an adapter folder, then its base
     model); if none has one, resize to ``image_size`` and normalise with mean = std = 0.5 (the reference recipe,
-    docs/method.md §6)."""
+    docs/method.md §6). A model without a fixed image size (SigLIP 2's NaFlex) needs its own processor."""
     backend = "torchvision" if importlib.util.find_spec("torchvision") else "pil"
     sources = [sources] if isinstance(sources, str) else list(sources)
     for source in sources:
@@ -259,6 +260,11 @@ def load_image_processor(sources: Union[str, Sequence[str]], image_size: int) ->
             return AutoImageProcessor.from_pretrained(source, backend=backend)
         except OSError:
             continue
+    if image_size is None:
+        raise InputError(
+            f"{sources[-1]} has no image processor, and the model has no fixed image size to make one for; save the "
+            f"model's image processor with it (`AutoImageProcessor.from_pretrained(...).save_pretrained(folder)`)."
+        )
     print(f"{sources[-1]} has no image processor: resizing to {image_size} and normalising with mean = std = 0.5.")
     return ViTImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
@@ -266,16 +272,17 @@ def load_image_processor(sources: Union[str, Sequence[str]], image_size: int) ->
 
 
 class PixelTransform:
-    """``Dataset.with_transform`` function: images -> ``pixel_values`` through an image processor, labels ->
-    ``labels``."""
+    """``Dataset.with_transform`` function: images -> the model's image inputs through an image processor
+    (``pixel_values``; SigLIP 2 adds ``pixel_attention_mask`` and ``spatial_shapes``), labels -> ``labels``."""
 
     def __init__(self, image_processor: Any):
         self.image_processor = image_processor
 
     def __call__(self, batch: dict[str, list]) -> dict[str, torch.Tensor]:
         images = [image.convert("RGB") for image in batch[IMAGE]]
-        pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[LABEL])}
+        processed = self.image_processor(images=images, return_tensors="pt")
+        inputs = {name: processed[name] for name in IMAGE_INPUTS if name in processed}
+        return {**inputs, "labels": torch.as_tensor(batch[LABEL])}
 
 
 def with_pixels(dataset: Dataset, image_processor: Any) -> Dataset:

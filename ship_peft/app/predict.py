@@ -14,6 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from ..calibration import IMAGE_INPUTS
 from .errors import InputError
 
 #: File suffixes taken from a folder (a file named on the command line is read whatever its suffix).
@@ -112,9 +113,10 @@ def predict_images(
                 images.append(image)
                 kept.append(path)
         if images:
-            pixel_values = processor(images, return_tensors="pt")["pixel_values"].to(device)
+            processed = processor(images, return_tensors="pt")
+            inputs = {name: processed[name].to(device) for name in IMAGE_INPUTS if name in processed}
             with torch.no_grad():
-                probabilities = model(pixel_values=pixel_values).logits.float().softmax(dim=-1)
+                probabilities = model(**inputs).logits.float().softmax(dim=-1)
             top = probabilities.topk(k, dim=-1)
             for path, values, indices in zip(kept, top.values.tolist(), top.indices.tolist()):
                 outcome.predictions.append(Prediction(str(path), [label_names[i] for i in indices], values))
