@@ -71,6 +71,7 @@ from speed_models import (  # noqa: E402
     DEFAULT_PROMPT_LAYERS,
     INPUT_GRADIENT_METHODS,
     METHODS,
+    FAMILIES,
     MODEL_SIZES,
     BenchSettings,
     adapter_bytes,
@@ -167,7 +168,7 @@ def run_benchmark(
         load_average_after=os.getloadavg() if hasattr(os, "getloadavg") else None,
         wall_time_s=time.time() - started,
         methods=rows,
-        targets=check_targets(rows, settings.model_size, interleaved=timing == "interleaved"),
+        targets=check_targets(rows, settings.model_size, interleaved=timing == "interleaved", family=settings.family),
     )
 
 
@@ -185,6 +186,7 @@ def resolve_device(device: str) -> str:
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(
         model_size=args.model_size,
+        family=args.family,
         vit=dict(MODEL_SIZES[args.model_size]),
         num_labels=args.num_labels,
         batch_size=args.batch_size,
@@ -202,6 +204,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="tiny")
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="vit", help="backbone family of that shape")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16 = bf16 autocast, fp32 weights")
     parser.add_argument("--steps", type=int, default=10, help="measured steps per method (median reported)")

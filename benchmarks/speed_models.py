@@ -32,6 +32,11 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 
+#: Backbone families: transformers ViT, or a DINOv3-shaped ViT (4 registers, rotary positions, layer scale) under
+#: ``ship_peft.ImageClassifier``. Both take ``MODEL_SIZES``' shapes.
+FAMILIES: dict[str, str] = {"vit": "ViT", "dinov3": "DINOv3-shaped ViT (4 registers, rotary positions, layer scale)"}
+DINOV3_REGISTERS = 4
+
 #: Default semantic levels per size: ``tiny`` as the project's examples, ``vit-b16`` the reference's CIFAR-100 levels.
 DEFAULT_PROMPT_LAYERS = {"tiny": [0, 2, 4, 7, 9, 11], "vit-b16": [0, 2, 4, 6, 8, 11]}
 
@@ -57,6 +62,7 @@ class BenchSettings:
     """Everything a measurement depends on (JSON-serialisable, so a child process gets the same)."""
 
     model_size: str = "tiny"
+    family: str = "vit"
     vit: dict = dataclasses.field(default_factory=lambda: dict(MODEL_SIZES["tiny"]))
     num_labels: int = 100
     batch_size: int = 64
@@ -81,7 +87,6 @@ class BenchSettings:
 def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
     """The model of ``method`` on the shared random backbone (seeded: every method gets the same weights)."""
     from peft import get_peft_model
-    from transformers import ViTConfig, ViTForImageClassification
 
     import ship_peft
     from ship_peft import presets
@@ -90,9 +95,7 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose from {sorted(METHODS)}.")
     torch.manual_seed(settings.seed)
-    vit = ViTForImageClassification(
-        ViTConfig(**settings.vit, num_labels=settings.num_labels, attn_implementation="sdpa")
-    )
+    vit = build_backbone(settings)
     if method in ("floor", "floor_grad"):
         for name, parameter in vit.named_parameters():
             parameter.requires_grad_(name.startswith("classifier."))
@@ -126,6 +129,18 @@ def build_model(method: str, settings: BenchSettings) -> torch.nn.Module:
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(settings.device)
+
+
+def build_backbone(settings: BenchSettings) -> torch.nn.Module:
+    """The random classifier of ``settings.family`` (seeded by the caller)."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel, ViTConfig, ViTForImageClassification
+
+    import ship_peft
+
+    if settings.family == "dinov3":
+        config = DINOv3ViTConfig(**settings.vit, num_register_tokens=DINOV3_REGISTERS, attn_implementation="sdpa")
+        return ship_peft.ImageClassifier(DINOv3ViTModel(config), settings.num_labels)
+    return ViTForImageClassification(ViTConfig(**settings.vit, num_labels=settings.num_labels, attn_implementation="sdpa"))
 
 
 def make_batch(settings: BenchSettings) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+from speed_models import DINOV3_REGISTERS, FAMILIES
 
 #: Metrics given with a ratio to the floor (throughput: higher is better; all others: lower is better).
 RATIO_METRICS = (
@@ -35,6 +36,7 @@ class Target:
     denominator: str
     limit: Optional[float]
     sizes: tuple[str, ...] = ("tiny", "vit-b16")
+    families: tuple[str, ...] = ("vit",)
 
 
 TARGETS = (
@@ -65,6 +67,8 @@ TARGETS = (
     Target("drop_vs_ship_train", "SHIP + stochastic depth 0.1 vs SHIP, training step", "ship_drop", "train_step_s", "ship", 1.25, ("tiny",)),
     Target("drop_vs_ship_train_b16", "SHIP + stochastic depth 0.1 vs SHIP, training step", "ship_drop", "train_step_s", "ship", 1.08, ("vit-b16",)),
     Target("drop_vs_lora_train", "SHIP + stochastic depth 0.1 vs LoRA r=8, training step", "ship_drop", "train_step_s", "lora", None),
+    # issue 17: a DINOv3-shaped backbone (registers, rotary positions), reported next to LoRA on the same model
+    Target("ship_vs_lora_train_dinov3", "SHIP training step vs LoRA r=8", "ship", "train_step_s", "lora", None, families=("dinov3",)),
 )
 
 
@@ -80,14 +84,18 @@ def add_ratios(methods: list[dict[str, Any]]) -> None:
             row["ratios"][metric] = value / base if value is not None and base else None
 
 
-def check_targets(methods: list[dict[str, Any]], model_size: str, interleaved: bool = True) -> list[dict[str, Any]]:
-    """The targets of ``model_size`` that the measured methods allow checking (``interleaved``: the timing samples of
-    all methods were taken in the same rounds, so per-round ratios are also given)."""
+def check_targets(
+    methods: list[dict[str, Any]], model_size: str, interleaved: bool = True, family: str = "vit"
+) -> list[dict[str, Any]]:
+    """The targets of ``model_size`` and ``family`` that the measured methods allow checking (``interleaved``: the
+    timing samples of all methods were taken in the same rounds, so per-round ratios are also given)."""
     by_name = {row["method"]: row for row in methods}
     checks = []
     for target in TARGETS:
         numerator, metric, denominator, limit = target.numerator, target.metric, target.denominator, target.limit
-        if model_size not in target.sizes or numerator not in by_name or denominator not in by_name:
+        if model_size not in target.sizes or family not in target.families:
+            continue
+        if numerator not in by_name or denominator not in by_name:
             continue
         value, base = by_name[numerator].get(metric), by_name[denominator].get(metric)
         ratio = value / base if value is not None and base else None
@@ -178,7 +186,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     table = "\n".join(lines)
 
     target_lines = [
-        "| target (issue #10) | measured (ratio of medians) | median of per-round ratios³ | limit | met |",
+        "| target | measured (ratio of medians) | median of per-round ratios³ | limit | met |",
         "|---|---|---|---|---|",
     ]
     for check in results["targets"]:
@@ -191,7 +199,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     settings, machine = results["settings"], results["machine"]
     vit = settings["vit"]
     hardware = machine.get("gpu") or f"{machine['cpu_model']} ({machine['cpu_count']} CPUs)"
-    num_tokens = 1 + (vit["image_size"] // vit["patch_size"]) ** 2
+    registers = DINOV3_REGISTERS if settings.get("family") == "dinov3" else 0
+    num_tokens = 1 + registers + (vit["image_size"] // vit["patch_size"]) ** 2
     autocast = " autocast" if settings["dtype"] == "bf16" else ""
     over_rounds = f", median over {results['rounds']} rounds" if results["rounds"] > 1 else ""
     if results.get("timing") == "interleaved":
@@ -199,7 +208,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     fresh = " (a fresh process per method)" if results["isolation"] == "process" else ""
     vpt_prompts = settings["num_prompts"] + settings["num_shared_prompts"]
     head = (
-        f"**{settings['model_size']}** ViT (image {vit['image_size']}, patch {vit['patch_size']}, "
+        f"**{settings['model_size']}** {FAMILIES[settings.get('family', 'vit')]} (image {vit['image_size']}, patch {vit['patch_size']}, "
         f"hidden {vit['hidden_size']}, {vit['num_hidden_layers']} layers, {vit['num_attention_heads']} heads, "
         f"N = {num_tokens} tokens), {settings['num_labels']} classes, batch {settings['batch_size']}, "
         f"{settings['dtype']}{autocast}, sdpa, on {hardware}, torch {machine['torch']} "
@@ -232,7 +241,8 @@ def _load(value) -> str:
 def write_results(results: dict[str, Any], output_dir: str) -> tuple[Path, Path]:
     settings = results["settings"]
     device_type = torch.device(settings["device"]).type
-    stem = f"speed_{settings['model_size']}_{device_type}_{settings['dtype']}"
+    family = settings.get("family", "vit")
+    stem = f"speed_{'' if family == 'vit' else family + '-'}{settings['model_size']}_{device_type}_{settings['dtype']}"
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"

@@ -153,7 +153,7 @@ def test_json_and_markdown_files(speed, results, tmp_path):
     assert "(1.00×)" in method_rows[0]  # the floor's own ratio
     assert "= SHIP¹" in method_rows[2]  # the cache row has no training figures of its own
     assert method_rows[0].count("|") == header.count("|")
-    assert "| target (issue #10) |" in table
+    assert "| target |" in table
     with_targets = dict(results, targets=speed.check_targets(
         [dict(method="floor", train_step_s=1.0), dict(method="floor_grad", train_step_s=2.0),
          dict(method="ship", train_step_s=3.0)], "tiny", interleaved=False))  # fmt: skip
@@ -168,3 +168,16 @@ def test_markdown_ratio_cells_match_json(speed, results):
     ship_row = next(line for line in table.splitlines() if line.startswith("| SHIP (default)"))
     assert f"({ship['ratios']['trainable_params']:.2f}×)" in ship_row
     assert f"({ship['ratios']['train_step_s']:.2f}×)" in ship_row
+
+
+def test_targets_are_checked_for_their_family_only(speed):
+    """Issue 10's ViT targets do not judge a DINOv3-shaped run; that run reports SHIP against LoRA on its model."""
+    rows = [
+        {"method": "ship", "train_step_s": 1.2, "train_saved_activations_bytes": 10},
+        {"method": "lora", "train_step_s": 1.0, "train_saved_activations_bytes": 9},
+    ]
+    vit = {check["key"] for check in speed.check_targets(rows, "tiny", interleaved=False)}
+    dinov3 = speed.check_targets(rows, "tiny", interleaved=False, family="dinov3")
+    assert "ship_vs_lora_train" in vit and "ship_vs_lora_train_dinov3" not in vit
+    assert [(check["key"], check["limit"]) for check in dinov3] == [("ship_vs_lora_train_dinov3", None)]
+    assert dinov3[0]["ratio"] == pytest.approx(1.2)
