@@ -197,10 +197,8 @@ class ShipModel(BaseTuner):
     def _prepare_model(self, peft_config: ShipConfig, model: nn.Module) -> None:
         blocks_name = resolve_target(model, peft_config.target_modules)
         peft_config.target_modules = [blocks_name]
-        _, family = resolve_blocks(model, blocks_name)
         if peft_config.modules_to_save is None:
-            heads = [name for name in family.head_names if isinstance(getattr(model, name, None), nn.Module)]
-            peft_config.modules_to_save = heads or None
+            peft_config.modules_to_save = classifier_names(model, blocks_name) or None
         if peft_config.prompt_layers is not None:
             check_prompt_layers(peft_config.prompt_layers, num_layers=len(model.get_submodule(blocks_name)))
         if self._matching_loss_hook is None:  # one hook for the model's life: none is registered per call
@@ -506,3 +504,17 @@ def check_image_format(backbone: Backbone, host: nn.Module, pixel_values: torch.
             f"The images are {height}x{width} but the backbone takes {expected_size[0]}x{expected_size[1]}; resize "
             f"them with the backbone's image processor, or pass `interpolate_pos_encoding=True` to run at this size."
         )
+
+
+def classifier_names(model: nn.Module, blocks_name: str) -> list[str]:
+    """The full names of ``model``'s classifiers: the head names of the family of ``blocks_name``, on the task model
+    (transformers' ``classifier``) or on the module that holds the blocks (timm's ``head``)."""
+    host, family = resolve_blocks(model, blocks_name)
+    host_name = blocks_name.removesuffix(family.blocks_path).rstrip(".")
+    names = []
+    for head in family.head_names:
+        if isinstance(getattr(model, head, None), nn.Module):
+            names.append(head)
+        elif isinstance(getattr(host, head, None), nn.Module):
+            names.append(f"{host_name}.{head}".lstrip("."))
+    return names

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
 
 import ship_peft
 
@@ -321,3 +322,32 @@ def test_eva_blocks_ship_does_not_model_are_clear_errors(overrides, reason):
     eva = Eva(**COMMON, use_rot_pos_emb=True, ref_feat_shape=(4, 4), **overrides)
     with pytest.raises(TypeError, match=rf"SHIP does not support this Eva: .*{reason}.*Supported: "):
         get_peft_model(eva, ship_peft.ShipConfig(num_prompts=2, prompt_layers=[0]))
+
+
+@pytest.mark.parametrize("architecture", ["vit_small_patch16_224", "eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+def test_cli_trains_and_calibrates_a_local_timm_model(architecture, tmp_path, capsys):
+    """A timm model saved the Hugging Face way (transformers' ``TimmWrapper``: config.json + safetensors, as timm
+    models are on the Hub) trains, calibrates and evaluates through the command line, its ``head`` trained."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    from ship_peft.app.cli import main
+    from test_data import save_dataset
+
+    shape = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2)
+    torch.manual_seed(0)
+    data_config = {"input_size": [3, 16, 16], "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0}  # the processor's
+    config = TimmWrapperConfig(architecture=architecture, model_args=shape, num_labels=3, pretrained_cfg=data_config)
+    folder = tmp_path / "model"
+    TimmWrapperForImageClassification(config).save_pretrained(folder)
+    dataset = save_dataset(tmp_path, {"train": 24, "test": 6})
+    common = ["--model", str(folder), "--dataset", str(dataset), "--no-progress"]
+    assert main(["calibrate", *common, "--output-dir", str(tmp_path / "calibration")]) == 0
+    assert "levels starting at layers" in capsys.readouterr().out
+    train = ["train", *common, "--output-dir", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8"]
+    train += ["--warmup-epochs", "0", "--num-prompts", "2", "--num-attribute-prompts", "3", "--validation-size", "6"]
+    train += ["--num-prototypes", "4", "--baselines", "linear"]
+    assert main(train) == 0
+    adapter = tmp_path / "out" / "adapter"
+    saved = set(load_file(adapter / "adapter_model.safetensors"))
+    assert any("timm_model.head" in key for key in saved) and any("ship_prompts" in key for key in saved)
+    assert main(["evaluate", str(adapter), "--dataset", str(dataset)]) == 0

@@ -38,6 +38,7 @@ from ..calibration import CalibrationResult, initialize_ship_weights
 from ..classifier import ImageClassifier
 from .. import presets
 from ..config import HYPERPARAMETERS, ShipConfig
+from ..model import classifier_names, resolve_target
 from .errors import InputError
 
 METHODS = ("ship", "vpt-deep", "linear")
@@ -110,7 +111,7 @@ class TrainedMethod:
 
 
 #: transformers model types the command line trains with their own classifier (``AutoModelForImageClassification``)
-CLASSIFIER_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "siglip", "siglip2")
+CLASSIFIER_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "clip", "siglip", "siglip2", "timm_wrapper")
 #: bare backbones (``AutoModel``) the command line trains with a linear head (:class:`ship_peft.ImageClassifier`)
 BARE_MODEL_TYPES = ("dinov3_vit", "siglip_vision_model", "siglip2_vision_model", "aimv2_vision_model")
 #: every model type the command line trains, see ``ship_peft.backbones``
@@ -135,8 +136,8 @@ def backbone_config(model_path: str) -> transformers.PretrainedConfig:
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise InputError(
             f"--model {model_path!r} is a {config.model_type!r} model; the command line trains the model types "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. google/vit-base-patch16-224-in21k, facebook/dinov2-small). "
-            f"For timm models use the Python API (README)."
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} (e.g. google/vit-base-patch16-224-in21k, facebook/dinov2-small, "
+            f"timm/eva02_small_patch14_224.mim_in22k)."
         )
     return config
 
@@ -188,10 +189,12 @@ def method_config(method: str, ship_values: dict[str, Any], num_layers: int) -> 
 def build_model(method: str, model_path: str, label_names: list[str], ship_values: dict[str, Any]) -> torch.nn.Module:
     """The backbone with ``method``'s trainable parts: a SHIP / VPT-deep PEFT model, or the head alone (linear)."""
     backbone = load_backbone(model_path, label_names)
-    config = method_config(method, ship_values, vision_config(backbone.config).num_hidden_layers)
-    if config is None:
+    blocks_name = resolve_target(backbone, None)
+    config = method_config(method, ship_values, len(backbone.get_submodule(blocks_name)))
+    if config is None:  # the linear probe: the classifiers alone
+        heads = tuple(f"{name}." for name in classifier_names(backbone, blocks_name))
         for name, parameter in backbone.named_parameters():
-            parameter.requires_grad = name.startswith("classifier.")
+            parameter.requires_grad = name.startswith(heads)
         return backbone
     try:
         return get_peft_model(backbone, config)
@@ -385,15 +388,18 @@ def last_logged(log_history: list[dict[str, float]], key: str) -> Optional[float
 
 
 def adapter_num_labels(adapter: str) -> int:
-    """Number of classes of a saved SHIP adapter (rows of its classifier), from a folder or a Hub repository."""
+    """Number of classes of a saved SHIP adapter (rows of its classifier: the first of its ``modules_to_save``), from
+    a folder or a Hub repository."""
+    heads = tuple(f"{name}.weight" for name in PeftConfig.from_pretrained(adapter).modules_to_save or ())
     path = Path(adapter) / "adapter_model.safetensors"
     if not path.is_file():
         path = hf_hub_download(adapter, "adapter_model.safetensors")
     with safe_open(str(path), framework="pt") as tensors:
-        keys = [key for key in tensors.keys() if key.endswith("classifier.weight")]
+        keys = [key for key in tensors.keys() if heads and key.endswith(heads)]
         if not keys:
             raise InputError(
-                f"{adapter} holds no classifier weights; was it saved with modules_to_save=['classifier']?"
+                f"{adapter} holds no classifier weights; train it with the model's classifier in modules_to_save "
+                f"(`ship-peft train` does)."
             )
         return tensors.get_slice(keys[0]).get_shape()[0]
 
