@@ -324,7 +324,11 @@ def test_eva_blocks_ship_does_not_model_are_clear_errors(overrides, reason):
         get_peft_model(eva, ship_peft.ShipConfig(num_prompts=2, prompt_layers=[0]))
 
 
-@pytest.mark.parametrize("architecture", ["vit_small_patch16_224", "eva02_tiny_patch14_224", "vit_small_patch16_dinov3"])
+@pytest.mark.parametrize(
+    "architecture",
+    ["vit_small_patch16_224", "vit_base_patch16_siglip_224", "eva02_tiny_patch14_224", "vit_small_patch16_dinov3",
+     "vit_pe_core_small_patch16_384"],
+)
 def test_cli_trains_and_calibrates_a_local_timm_model(architecture, tmp_path, capsys):
     """A timm model saved the Hugging Face way (transformers' ``TimmWrapper``: config.json + safetensors, as timm
     models are on the Hub) trains, calibrates and evaluates through the command line, its ``head`` trained."""
