@@ -268,13 +268,26 @@ class ShipTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training:
-            parts = {"classification_loss": outputs.get("classification_loss", outputs["loss"])}
+            classification = outputs.get("classification_loss")
+            if classification is None:
+                classification = outputs["loss"]
+            else:  # on the loss's footing: the Trainer scales the loss (in place) by what the processes share of it
+                classification = classification * self._loss_scale(num_items_in_batch)
+            parts = {"classification_loss": classification}
             if outputs.get("matching_loss") is not None:
                 parts["matching_loss"] = outputs["matching_loss"]
             for key, value in parts.items():
                 self._loss_sums[key] = self._loss_sums.get(key, 0.0) + value.detach().float()
             self._loss_calls += 1
         return (loss, outputs) if return_outputs else loss
+
+    def _loss_scale(self, num_items_in_batch: Any) -> int:
+        """The factor ``Trainer.compute_loss`` multiplies the loss by: the processes that average the items of a
+        batch (``average_tokens_across_devices``), else 1."""
+        averaged = self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
+        if not averaged or num_items_in_batch is None:
+            return 1
+        return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._loss_calls:
