@@ -1,7 +1,9 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
 """One training step of a SHIP model under FSDP2 (``fully_shard`` on every SHIP block, then the model), run by
-``tests/test_fsdp.py`` with ``torchrun`` on 2 CPU processes (gloo). Every rank compares its loss and every trainable
-gradient (gathered whole) with the same step of the unsharded model, and prints ``OK <rank>``."""
+``tests/test_fsdp.py`` with ``torchrun`` on 2 CPU processes (gloo). Every rank compares its loss, every trainable
+gradient and every weight after an AdamW step (gathered whole) with the same step of the unsharded model; rank 0
+saves the adapter from the gathered full state dict into ``argv[1]``, where the test loads it. Each rank prints
+``OK <rank>``."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -28,8 +31,19 @@ def step(model):
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
             grad = parameter.grad
-            grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+            grads[name] = whole(grad)
     return outputs.loss.detach(), outputs.matching_loss.detach(), grads
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def updated(model) -> dict[str, torch.Tensor]:
+    """Every trainable weight after one AdamW step on the model's gradients, whole."""
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    torch.optim.AdamW(trainable, lr=1e-2).step()
+    return {name: whole(p.detach()).clone() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def main() -> None:
@@ -46,6 +60,14 @@ def main() -> None:
     assert grads.keys() == expected.keys() and any("ship_prompts" in name for name in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    weights, expected_weights = updated(sharded), updated(plain)
+    for name, weight in weights.items():
+        torch.testing.assert_close(weight, expected_weights[name], rtol=1e-10, atol=1e-12, msg=name)
+    full = get_model_state_dict(sharded, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:  # the prompts, prototypes and head, whole
+        sharded.save_pretrained(sys.argv[1], state_dict=full)
+        torch.save(plain.eval()(pixel_values=pixels()).logits.detach(), Path(sys.argv[1]) / "expected_logits.pt")
+    dist.barrier()
     print(f"OK {dist.get_rank()}", flush=True)
     dist.destroy_process_group()
 
