@@ -9,6 +9,7 @@ from . import export, presets
 from .calibration import CalibrationResult, initialize_ship_weights, kmeans, layer_affinity, semantic_levels
 from .classifier import ImageClassifier
 from .config import ShipConfig
+from .explain import Explanation, explain
 from .call import record_matching_loss
 from .layer import ShipBlock, ShipPromptBank, ShipPrompts
 from .model import ShipModel, get_prompt_bank
@@ -23,6 +24,7 @@ register()
 __all__ = [
     "CalibrationResult",
     "CorruptAdapterFileError",
+    "Explanation",
     "ImageClassifier",
     "ShipConfig",
     "ShipBlock",
@@ -34,6 +36,7 @@ __all__ = [
     "initialize_ship_weights",
     "kmeans",
     "layer_affinity",
+    "explain",
     "export",
     "presets",
     "record_matching_loss",

@@ -35,6 +35,8 @@ class ShipCall:
         loss_share: the factor that puts the matching loss on the footing of the Trainer's ``num_items_in_batch``.
         matching_loss: the unweighted matching loss of the forward (``docs/method.md`` §4), set by the last block in
             training; None in eval or with ``matching_loss_weight=0``.
+        summary_scores: where the blocks record the image summary's scores over the image tokens, per layer
+            (``[B, N]``), for :func:`ship_peft.explain`; None (the default) records nothing.
     """
 
     adapter_names: Optional[list[str]] = None
@@ -42,6 +44,7 @@ class ShipCall:
     has_labels: bool = False
     loss_share: float = 1.0
     matching_loss: Optional[torch.Tensor] = None
+    summary_scores: Optional[dict[int, torch.Tensor]] = None
 
 
 class TraceableContextVar:
@@ -81,8 +84,10 @@ def current_call() -> Optional[ShipCall]:
 @contextmanager
 def ship_call(**values: Any) -> Iterator[ShipCall]:
     """Open a :class:`ShipCall` (with ``values``) for the code inside; an enclosing call receives its matching
-    loss when it closes. No block pass outlives it."""
+    loss when it closes, and lends it its ``summary_scores`` record. No block pass outlives it."""
     outer = _CALL.get()
+    if outer is not None:
+        values.setdefault("summary_scores", outer.summary_scores)
     call = ShipCall(**values)
     call_token, pass_token = _CALL.set(call), _PASS.set(None)
     try:
@@ -128,6 +133,7 @@ class GroupState:
         top_tokens: the previous layer's top-ranked image tokens, for the next attribute prompts ``[B, A, D]``.
         drops: SHIP's stochastic depth of this pass, per layer (training with ``drop_path_rate > 0``); on the shared
             path ``carried`` then holds one row per history group.
+        recorded_scores: the call's ``summary_scores`` record, if any (a one-adapter batch).
         matching_loss: set by the last block in training.
     """
 
@@ -144,6 +150,7 @@ class GroupState:
     attribute: Optional[torch.Tensor] = None
     top_tokens: Optional[torch.Tensor] = None
     drops: Optional[list] = None
+    recorded_scores: Optional[dict[int, torch.Tensor]] = None
     matching_loss: Optional[torch.Tensor] = None
 
 

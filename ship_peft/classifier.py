@@ -38,7 +38,9 @@ class ImageClassifier(nn.Module):
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"ImageClassifier needs num_labels >= 1 (an int), got {num_labels!r}.")
         if label_names is not None and len(label_names) != num_labels:
-            raise ValueError(f"label_names has {len(label_names)} names for num_labels={num_labels}; give one per class.")
+            raise ValueError(
+                f"label_names has {len(label_names)} names for num_labels={num_labels}; give one per class."
+            )
         self.backbone = backbone
         self.config = backbone.config
         self.config.num_labels = num_labels

@@ -175,7 +175,8 @@ def attention(
     image_value, prompt_value = leading(value, num_image_tokens, 2), value[:, :, num_image_tokens:]
     scores = None
     if summary is not None:
-        query_of_summary = summary_query(backbone, block, leading(tokens, num_image_tokens, 1), image_query, inputs, summary)
+        image_tokens = leading(tokens, num_image_tokens, 1)
+        query_of_summary = summary_query(backbone, block, image_tokens, image_query, inputs, summary)
         scores = summary_scores(query_of_summary, image_key, backbone.scaling(block), inputs.valid)
     every_key_mask = inputs.key_mask(query.dtype, key.shape[2] - num_image_tokens)
 

@@ -295,7 +295,7 @@ class ShipPromptBank(nn.Module, ShipTunerLayer):
         return config.image_summary
 
     def drop_rates(self, prompts: ShipPrompts) -> list[float]:
-        """SHIP's stochastic depth per layer: ``drop_path_rate * i / (L - 1)`` for layer ``i`` (``docs/method.md`` §6)."""
+        """SHIP's stochastic depth per layer: ``drop_path_rate * i / (L - 1)`` for layer ``i`` (docs/method.md §6)."""
         last = max(self.num_layers - 1, 1)
         return [prompts.config.drop_path_rate * index / last for index in range(self.num_layers)]
 
@@ -366,6 +366,7 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         names = None if call is None else call.adapter_names
         if names is None:
             groups = [self.bank.start_group(self._single_active_adapter(), None, image_tokens)]
+            groups[0].recorded_scores = None if call is None else call.summary_scores
         else:
             groups = [
                 self.bank.start_group(name, self._rows_of(names, name, image_tokens.device), image_tokens)
@@ -441,6 +442,7 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         prompt_attention = last and group.want_matching  # prompt outputs feed only the matching loss
         attribute = prompts.attribute_tokens(index, group.attribute, group.top_tokens)
         drops = None if group.drops is None else group.drops[index]
+        recording = group.recorded_scores is not None  # ship_peft.explain reads every layer's scores
         if group.shared:
             static_tokens, static_key_value = self._advance_shared_path(group, image_tokens, prompt_attention, drops)
         else:
@@ -461,7 +463,7 @@ class ShipBlock(nn.Module, ShipTunerLayer):
             decoupled=config.decoupled_attention,
             prompt_weight=config.prompt_attention_weight,
             prompt_attention=prompt_attention,
-            need_scores=(index + 1) in prompts.attribute_layers or prompt_attention,
+            need_scores=(index + 1) in prompts.attribute_layers or prompt_attention or recording,
             keep=keep,
             drops=NO_DROPS if drops is None else drops.samples,
             inputs=inputs,
@@ -470,6 +472,8 @@ class ShipBlock(nn.Module, ShipTunerLayer):
         checkpoint = self._checkpoint_function()
         tokens, scores = checkpoint(step, tokens, *static_key_value) if checkpoint else step(tokens, *static_key_value)
         image_output = leading(tokens, num_image_tokens, 1)
+        if recording:
+            group.recorded_scores[index] = scores
         end_of_static = num_image_tokens + num_static
         group.semantic = tokens[:, num_image_tokens : end_of_static - config.num_shared_prompts]
         group.attribute = tokens[:, end_of_static:] if tokens.shape[1] > end_of_static else None

@@ -193,14 +193,12 @@ def naive_timm_parts(block) -> BlockParts:
         q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
     else:
         size = attention.head_dim * attention.num_heads
-        biases = (
-            (attention.q_bias, attention.k_bias, attention.v_bias)
-            if getattr(attention, "q_bias", None) is not None
-            else [None if attention.qkv.bias is None else attention.qkv.bias[i * size : (i + 1) * size] for i in range(3)]
-        )
-        q, k, v = [
-            SimpleNamespace(weight=attention.qkv.weight[i * size : (i + 1) * size], bias=biases[i]) for i in range(3)
-        ]
+        rows = [slice(i * size, (i + 1) * size) for i in range(3)]
+        if getattr(attention, "q_bias", None) is not None:
+            biases = [attention.q_bias, attention.k_bias, attention.v_bias]
+        else:
+            biases = [None if attention.qkv.bias is None else attention.qkv.bias[part] for part in rows]
+        q, k, v = [SimpleNamespace(weight=attention.qkv.weight[part], bias=bias) for part, bias in zip(rows, biases)]
     scales = [getattr(block, "gamma_1", None), getattr(block, "gamma_2", None)]
     if hasattr(block, "ls1"):
         scales = [getattr(block.ls1, "gamma", None), getattr(block.ls2, "gamma", None)]

@@ -26,6 +26,8 @@ import torch
 from peft import PeftModel
 
 from .. import __version__
+from ..calibration import IMAGE_INPUTS
+from ..explain import explain
 from ..export import export_onnx, export_program
 from ..safe_io import load_adapter, save_adapter
 from ..assets import BUNDLED_BACKBONE, resolve_model_path
@@ -42,8 +44,8 @@ from .data import (
 )
 from .errors import InputError
 from .model_card import AdapterCard, push_adapter, write_model_card
-from .predict import PredictOutcome, check_output, image_paths, predict_images, write_predictions
-from .plots import plot_confusion_matrix, plot_layer_affinity, plot_training_curves
+from .predict import PredictOutcome, check_output, image_paths, predict_images, read_image, write_predictions
+from .plots import plot_confusion_matrix, plot_explanation, plot_layer_affinity, plot_training_curves
 from .training import (
     METHOD_TITLES,
     RECIPE_SHIP_VALUES,
@@ -235,7 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"ship-peft {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add_command in (
-        _add_train, _add_evaluate, _add_predict, _add_export, _add_calibrate, _add_vtab1k, _add_vtab1k_table
+        _add_train, _add_evaluate, _add_predict, _add_explain, _add_export, _add_calibrate, _add_vtab1k,
+        _add_vtab1k_table,
     ):  # fmt: skip
         add_command(commands)
     return parser
@@ -287,6 +290,20 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
     """The saved adapter (positional) and ``--model`` (default: the base model the adapter records)."""
     parser.add_argument("adapter", help="adapter folder (the adapter/ folder of a train run) or Hub repository id")
     parser.add_argument("--model", default=None, help="the backbone (default: the base model recorded in the adapter)")
+
+
+def _add_explain(commands: Any) -> None:
+    explain = commands.add_parser(
+        "explain",
+        help="draw what a SHIP adapter looks at in images: its attention, the tokens it picked, its prediction",
+        description="For every image: the last layer's attention of the image summary (the CLS token, or the mean "
+        "token without one) over the patches, the patches whose tokens built each attribute layer's prompts and "
+        "those the matching loss compares the prompts with, and the predicted label. One PNG and one JSON per image.",
+    )
+    add_adapter_arguments(explain)
+    explain.add_argument("images", nargs="+", help="image files, folders (searched recursively) or globs")
+    explain.add_argument("--output-dir", default="outputs/explain", help="where to write (default: outputs/explain)")
+    explain.set_defaults(handler=command_explain)
 
 
 def _add_predict(commands: Any) -> None:
@@ -739,6 +756,70 @@ def report_evaluate(run: EvaluateRun, outcome: EvaluateOutcome) -> None:
         run.output_dir / "confusion_matrix.png",
         f"{data.name} {run.split}",
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class ExplainRun:
+    """One ``ship-peft explain`` run, resolved from the flags."""
+
+    adapter: str
+    model_path: str
+    images: list[Path]
+    output_dir: Path
+
+
+def command_explain(args: argparse.Namespace) -> int:
+    """``ship-peft explain``."""
+    return run_pipeline(args, explain_run, explain_images, report_explain)
+
+
+def explain_run(args: argparse.Namespace) -> ExplainRun:
+    return ExplainRun(
+        adapter=args.adapter,
+        model_path=args.model or adapter_base_model(args.adapter),
+        images=image_paths(args.images),
+        output_dir=Path(args.output_dir),
+    )
+
+
+def explain_images(run: ExplainRun) -> list[tuple[Path, Any]]:
+    """Every readable image's picture and record: ``(picture, record)`` pairs (a reason instead for a skipped one)."""
+    label_names = adapter_label_names(run.adapter)
+    model = _inference_model(run.adapter, run.model_path, label_names).to(distributed_state().device)
+    processor = _processor(run.model_path, run.adapter)
+    written = []
+    for index, path in enumerate(run.images):
+        image = read_image(path)
+        if isinstance(image, str):
+            written.append((path, image))
+            continue
+        processed = processor([image], return_tensors="pt")
+        inputs = {name: processed[name].to(model.device) for name in IMAGE_INPUTS if name in processed}
+        explanation = explain(model, inputs.pop("pixel_values"), **inputs)
+        probability, predicted = explanation.logits.float().softmax(dim=-1)[0].max(dim=0)
+        title = f"{path.name}: predicted {label_names[predicted]} ({probability:.2f})"
+        stem = run.output_dir / f"{index:04d}_{path.stem}"
+        drawn = plot_explanation(
+            image,
+            explanation.attention[0],
+            {layer: tokens[0].tolist() for layer, tokens in explanation.attribute_tokens.items()},
+            explanation.matching_tokens[0].tolist(),
+            title,
+            stem.with_suffix(".png"),
+        )
+        record = {"image": str(path), "predicted": label_names[predicted], "probability": float(probability)}
+        record["drawn"] = drawn
+        stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        written.append((stem.with_suffix(".png"), record))
+    return written
+
+
+def report_explain(run: ExplainRun, outcome: list[tuple[Path, Any]]) -> None:
+    for picture, record in outcome:
+        if isinstance(record, str):
+            say(f"{picture}: skipped ({record})")
+        else:
+            say(f"{record['image']}: {record['predicted']} ({record['probability']:.3f}) -> {picture}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,7 +96,8 @@ def _base_code(card: AdapterCard, base: str) -> str:
     if card.bare_backbone:  # the head is ship_peft.ImageClassifier's, saved with the adapter
         labels = "list(config.id2label.values())"
         return f"base = ship_peft.ImageClassifier(AutoModel.from_pretrained({base}), config.num_labels, {labels})"
-    return f"base = AutoModelForImageClassification.from_pretrained({base}, config=config, ignore_mismatched_sizes=True)"
+    loading = "config=config, ignore_mismatched_sizes=True"
+    return f"base = AutoModelForImageClassification.from_pretrained({base}, {loading})"
 
 
 def model_card(card: AdapterCard) -> str:

@@ -1,11 +1,14 @@
 # Copyright 2026 The ship-peft authors. Licensed under the Apache License, Version 2.0.
-"""Pictures of a run: training curves, the layer-affinity heatmap with its semantic levels, a confusion matrix.
+"""Pictures of a run: training curves, the layer-affinity heatmap with its semantic levels, a confusion matrix, and
+what SHIP looks at in an image (``ship-peft explain``).
 
 Drawn with matplotlib's object API (no pyplot state, no display needed).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -13,6 +16,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from PIL import Image
 
 MAX_ANNOTATED_CELLS = 16  # write the numbers into heatmaps up to this many rows
 
@@ -110,3 +114,71 @@ def _save(figure: Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """How an image's tokens lie on it: ``prefix`` tokens (class, registers) first, then a ``side`` x ``side`` grid
+    of patches in raster order (square images, as the command line's image processors make them)."""
+
+    prefix: int
+    side: int
+
+    @classmethod
+    def of(cls, num_tokens: int) -> "TokenGrid":
+        side = math.isqrt(num_tokens)
+        return cls(num_tokens - side * side, side)
+
+    def cell(self, token: int) -> Optional[tuple[int, int]]:
+        """``(row, column)`` of a patch token; None for a prefix token."""
+        return None if token < self.prefix else divmod(token - self.prefix, self.side)
+
+
+def plot_explanation(
+    image: Image.Image,
+    attention: torch.Tensor,
+    attribute_tokens: dict[int, Sequence[int]],
+    matching_tokens: Sequence[int],
+    title: str,
+    path: Path,
+) -> dict[str, list]:
+    """``image`` twice: under the last layer's summary attention over its patches (left), and with the patches SHIP
+    picked (right): those that built each attribute layer's prompts (filled, a colour per layer) and those the
+    matching loss compares the prompts with (outlined). Returns what it drew: the cells ``[row, column]`` of each
+    kind, and the picked prefix tokens (class, registers), which have no cell and are named in the legend."""
+    grid = TokenGrid.of(attention.numel())
+    width, height = image.size
+    cell_width, cell_height = width / grid.side, height / grid.side
+    figure = Figure(figsize=(10, 5.2), layout="constrained")
+    attention_axes, tokens_axes = figure.subplots(1, 2)
+    heat = attention[grid.prefix :].reshape(grid.side, grid.side).float().cpu().numpy()
+    for axes in (attention_axes, tokens_axes):  # pixel edges at 0 ... width, as the cells
+        axes.imshow(image, extent=(0, width, height, 0))
+        axes.set_axis_off()
+    attention_axes.imshow(heat, extent=(0, width, height, 0), alpha=0.55, cmap="inferno")
+    attention_axes.set_title("last layer: where the image summary attends")
+    drawn: dict[str, list] = {"prefix": []}
+    layers = zip(attribute_tokens.items(), _colors())
+    kinds = [(f"attribute layer {layer}", tokens, color) for (layer, tokens), color in layers]
+    kinds.append(("matching loss", matching_tokens, None))  # outlined
+    for name, tokens, color in kinds:
+        drawn[name] = []
+        for token in map(int, tokens):
+            cell = grid.cell(token)
+            if cell is None:
+                drawn["prefix"].append([name, token])
+                continue
+            drawn[name].append(list(cell))
+            row, column = cell
+            corner = (column * cell_width, row * cell_height)
+            style = {"edgecolor": "white", "facecolor": "none"} if color is None else {"color": color, "alpha": 0.45}
+            tokens_axes.add_patch(Rectangle(corner, cell_width, cell_height, linewidth=2, **style))
+        tokens_axes.plot([], [], "s", color=color or "white", markeredgecolor="black", label=name)
+    if drawn["prefix"]:
+        picked = ", ".join(f"{name}: token {token}" for name, token in drawn["prefix"])
+        tokens_axes.plot([], [], " ", label=f"also picked (no cell): {picked}")
+    tokens_axes.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    tokens_axes.set_title("the tokens SHIP picked")
+    figure.suptitle(title)
+    _save(figure, path)
+    return drawn

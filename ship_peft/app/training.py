@@ -284,8 +284,8 @@ class ShipTrainer(Trainer):
     def _loss_scale(self, num_items_in_batch: Any) -> int:
         """The factor ``Trainer.compute_loss`` multiplies the loss by: the processes that average the items of a
         batch (``average_tokens_across_devices``), else 1."""
-        averaged = self.args.average_tokens_across_devices and (self.model_accepts_loss_kwargs or self.compute_loss_func)
-        if not averaged or num_items_in_batch is None:
+        takes_items = self.model_accepts_loss_kwargs or self.compute_loss_func
+        if not (self.args.average_tokens_across_devices and takes_items) or num_items_in_batch is None:
             return 1
         return self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
 

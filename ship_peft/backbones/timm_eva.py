@@ -40,7 +40,8 @@ class TimmEvaBackbone(TimmBackbone):
         for block in host.blocks:
             block = getattr(block, "base_layer", block)  # a SHIP block wraps it once an adapter is added
             if type(block) is not EvaBlock or type(block.attn) not in (EvaAttention, AttentionRope):
-                return f"its blocks are {type(block).__name__} / {type(block.attn).__name__}, not timm's pre-norm EvaBlock"
+                return f"its blocks are {type(block).__name__} / {type(block.attn).__name__}, not timm's pre-norm " \
+                    "EvaBlock"
             if block.attn.gate is not None:
                 return "its attention is gated, which SHIP does not model"
             if getattr(block.attn, "num_kv_groups", 1) > 1:
@@ -55,7 +56,8 @@ class TimmEvaBackbone(TimmBackbone):
             return BlockInputs()
         attention = block.attn
         half = getattr(attention, "rotate_half", False)
-        return BlockInputs(rotate=partial(rotate_after_prefix, rope=rope, num_prefix_tokens=attention.num_prefix_tokens, half=half))
+        rotate = partial(rotate_after_prefix, rope=rope, num_prefix_tokens=attention.num_prefix_tokens, half=half)
+        return BlockInputs(rotate=rotate)
 
     def _projection(self, block: nn.Module, part: int, normed: torch.Tensor) -> torch.Tensor:
         attention = block.attn

@@ -54,7 +54,8 @@ class TimmBackbone(Backbone):
         attention = block.attn
         size = attention.head_dim * attention.num_heads
         rows = slice(part * size, (part + 1) * size)
-        return split_heads(F.linear(normed, attention.qkv.weight[rows], self.fused_bias(attention, part, rows)), attention.head_dim)
+        projected = F.linear(normed, attention.qkv.weight[rows], self.fused_bias(attention, part, rows))
+        return split_heads(projected, attention.head_dim)
 
     def fused_bias(self, attention: nn.Module, part: int, rows: slice) -> Optional[torch.Tensor]:
         return None if attention.qkv.bias is None else attention.qkv.bias[rows]
