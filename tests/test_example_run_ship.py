@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -52,12 +53,19 @@ def run_example(digits_folder: Path, output_dir: Path, processes: int) -> dict:
     if processes > 1:  # accelerate's multi-process launcher (named --multi_gpu), on CPU processes with gloo
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                     str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    str(EXAMPLE)]  # fmt: skip
+                    "--main_process_port", str(free_port()), str(EXAMPLE)]  # fmt: skip
         arguments += ["--ddp_backend", "gloo"]
     environment = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": str(2 // processes)}
     result = subprocess.run([*launcher, *arguments], capture_output=True, text=True, timeout=600, env=environment)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return json.loads((output_dir / "trainer_state.json").read_text())
+
+
+def free_port() -> int:
+    """A port nothing listens on now (accelerate's launcher would take 29500, which another run may hold)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def logged(state: dict, key: str) -> list[float]:
