@@ -430,6 +430,11 @@ def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, 
     adapter = tmp_path / "out" / "adapter"
     assert (adapter / "adapter_model.safetensors").is_file()
     assert main(["evaluate", str(adapter), "--dataset", str(dataset)]) == 0
+    export = ["export", str(adapter), "--format", "export", "--output", str(tmp_path / "model.pt2")]
+    if name == "siglip2":  # patchified NaFlex images: no one image size to export for
+        assert main(export) == 2 and "NaFlex" in capsys.readouterr().err
+    elif name == "dinov3_bare":  # any size: exported at its configured size, and checked
+        assert main(export) == 0 and (tmp_path / "model.pt2").is_file()
 
 
 def test_the_image_summary_is_the_class_token_where_there_is_one_and_else_the_mean():

@@ -44,6 +44,7 @@ from .data import (
 )
 from .errors import InputError
 from .model_card import AdapterCard, push_adapter, write_model_card
+from ..model import get_prompt_bank
 from .predict import PredictOutcome, check_output, image_paths, predict_images, read_image, write_predictions
 from .plots import plot_confusion_matrix, plot_explanation, plot_layer_affinity, plot_training_curves
 from .training import (
@@ -786,6 +787,8 @@ def explain_images(run: ExplainRun) -> list[tuple[Path, Any]]:
     """Every readable image's picture and record: ``(picture, record)`` pairs (a reason instead for a skipped one)."""
     label_names = adapter_label_names(run.adapter)
     model = _inference_model(run.adapter, run.model_path, label_names).to(distributed_state().device)
+    if get_prompt_bank(model).backbone.pixel_layout != "images":
+        raise InputError("`ship-peft explain` draws square patch grids; SigLIP 2's NaFlex patches are not drawn yet.")
     processor = _processor(run.model_path, run.adapter)
     written = []
     for index, path in enumerate(run.images):
@@ -812,6 +815,26 @@ def explain_images(run: ExplainRun) -> list[tuple[Path, Any]]:
         stem.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         written.append((stem.with_suffix(".png"), record))
     return written
+
+
+def _square_images(model: PeftModel, command: str) -> tuple[int, int]:
+    """The channels and the side of the square images ``model`` takes (for a model of any size, DINOv3's say, its
+    configured ``image_size``); a clear error where there is none (SigLIP 2's NaFlex patches, timm models of any
+    size)."""
+    bank = get_prompt_bank(model)
+    blocks_name = model.peft_config["default"].target_modules[0]
+    host = model.get_base_model().get_submodule(blocks_name.removesuffix(bank.backbone.blocks_path).rstrip("."))
+    channels, size = bank.backbone.image_format(host) if bank.backbone.pixel_layout == "images" else (None, None)
+    configured = getattr(vision_config(model.config), "image_size", None)
+    if size is None and isinstance(configured, int) and channels is not None:
+        size = (configured, configured)
+    if size is None or size[0] != size[1]:
+        raise InputError(
+            f"`ship-peft {command}` needs a model of one square image size, but this {type(host).__name__} takes "
+            f"images of any size, or as patches (SigLIP 2's NaFlex); export it from Python with an example batch of "
+            f"the size you serve (`ship_peft.export.export_program(model, example)`, docs/serving.md)."
+        )
+    return channels, size[0]
 
 
 def report_explain(run: ExplainRun, outcome: list[tuple[Path, Any]]) -> None:
@@ -887,8 +910,7 @@ def command_export(args: argparse.Namespace) -> int:
     model_path = args.model or adapter_base_model(args.adapter)
     label_names = adapter_label_names(args.adapter)
     model = _inference_model(args.adapter, model_path, label_names)
-    vision = vision_config(backbone_config(model_path))
-    channels, size = vision.num_channels, vision.image_size
+    channels, size = _square_images(model, "export")
     example = torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     check = torch.randn(3, channels, size, size, generator=torch.Generator().manual_seed(1))  # another batch size
     output.parent.mkdir(parents=True, exist_ok=True)
