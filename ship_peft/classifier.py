@@ -32,6 +32,9 @@ class ImageClassifier(nn.Module):
 
     #: where the backbone lies, under transformers' name for it (PEFT and transformers read it)
     base_model_prefix = "backbone"
+    #: the loss is a batch mean that takes no item count: the ``Trainer`` then averages it over accumulation steps and
+    #: processes itself (as for transformers' timm wrapper)
+    accepts_loss_kwargs = False
 
     def __init__(self, backbone: nn.Module, num_labels: int, label_names: Optional[list[str]] = None):
         super().__init__()
@@ -47,9 +50,15 @@ class ImageClassifier(nn.Module):
         if label_names is not None:
             self.config.id2label = dict(enumerate(label_names))
             self.config.label2id = {name: index for index, name in enumerate(label_names)}
-        self.classifier = nn.Linear(self.config.hidden_size, num_labels)
+        reference = next(backbone.parameters())
+        self.classifier = nn.Linear(self.config.hidden_size, num_labels, device=reference.device, dtype=reference.dtype)
         #: the backbone's name, which PEFT records as the adapter's base model
         self.name_or_path: str = getattr(backbone, "name_or_path", "")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (transformers' models have it; pipelines read it)."""
+        return self.classifier.weight.device
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None) -> None:
         """The backbone's gradient checkpointing (transformers' ``gradient_checkpointing_enable``)."""

@@ -392,6 +392,11 @@ class ShipModel(BaseTuner):
             raise NotImplementedError(
                 "`output_hidden_states` is not available for mixed-adapter batches; run each adapter in its own call."
             )
+        if kwargs.get("pixel_attention_mask") is not None:
+            raise NotImplementedError(
+                "Mixed-adapter batches of padded images (SigLIP 2's NaFlex) are not supported; run each adapter in its "
+                "own call."
+            )
         if torch.is_tensor(pixel_values) and len(adapter_names) != pixel_values.shape[0]:
             raise ValueError(
                 f"adapter_names names {len(adapter_names)} adapters for a batch of {pixel_values.shape[0]} images; "

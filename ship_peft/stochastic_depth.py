@@ -103,16 +103,19 @@ def _scales(kept: np.ndarray, rate: float) -> list[Optional[np.ndarray]]:
 
 
 def _to_device(arrays: list[Optional[np.ndarray]], device: torch.device) -> list[Optional[torch.Tensor]]:
-    """The arrays as tensors on ``device`` (float64 scales, int64 indices): one copy per kind, pinned and
-    non-blocking on an accelerator; each tensor is a view of its copy."""
+    """The arrays as tensors on ``device`` (float32 scales, which every device holds; int64 indices): one copy per
+    kind, from pinned memory without waiting on CUDA; each tensor is a view of its copy."""
     tensors: list[Optional[torch.Tensor]] = [None] * len(arrays)
-    for kind in (np.float64, np.int64):
+    device = torch.device(device)
+    for kind, dtype in ((np.float64, np.float32), (np.int64, np.int64)):
         where = [i for i, array in enumerate(arrays) if array is not None and array.dtype == kind]
         if not where:
             continue
-        packed = torch.from_numpy(np.concatenate([arrays[i] for i in where]))
-        if torch.device(device).type != "cpu":
+        packed = torch.from_numpy(np.concatenate([arrays[i] for i in where]).astype(dtype))
+        if device.type == "cuda":
             packed = packed.pin_memory().to(device, non_blocking=True)
+        elif device.type != "cpu":
+            packed = packed.to(device)
         for i, part in zip(where, packed.split([arrays[i].size for i in where])):
             tensors[i] = part
     return tensors

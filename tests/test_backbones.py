@@ -45,6 +45,7 @@ from transformers import (
 )
 
 import ship_peft
+from ship_peft.app.data import digits_dataset
 
 from utils import fill_prototypes, pixels, tiny_vit, tiny_vit_config
 from utils.naive_ship import BlockParts, ImageLayout, linear, naive_ship_on_host, vit_parts
@@ -433,8 +434,11 @@ def test_cli_trains_and_calibrates_a_local_model_of_each_family(name, tmp_path, 
     export = ["export", str(adapter), "--format", "export", "--output", str(tmp_path / "model.pt2")]
     if name == "siglip2":  # patchified NaFlex images: no one image size to export for
         assert main(export) == 2 and "NaFlex" in capsys.readouterr().err
-    elif name == "dinov3_bare":  # any size: exported at its configured size, and checked
+    elif name == "dinov3_bare":  # any size: exported at its configured size, and checked; explained
         assert main(export) == 0 and (tmp_path / "model.pt2").is_file()
+        digits_dataset()[0]["image"].save(tmp_path / "digit.png")
+        assert main(["explain", str(adapter), str(tmp_path / "digit.png"), "--output-dir", str(tmp_path / "why")]) == 0
+        assert (tmp_path / "why" / "0000_digit.png").is_file()
 
 
 def test_the_image_summary_is_the_class_token_where_there_is_one_and_else_the_mean():
@@ -467,6 +471,23 @@ def test_the_matching_loss_leaves_out_padding_a_short_image_ranks():
         [prompt_matching_loss(prompts[:1], tokens[:1]), prompt_matching_loss(prompts[1:], tokens[1:, :2])]
     ).mean()
     torch.testing.assert_close(loss, expected)
+
+
+def test_siglip2_mixed_adapter_batches_of_padded_images_are_a_clear_error():
+    model = ship_on(plain_model("siglip2")).eval()
+    with pytest.raises(NotImplementedError, match="padded images.*each adapter in its own call"):
+        model(**naflex_inputs(), adapter_names=["default", "__base__", "default", "__base__"])
+
+
+def test_image_classifier_loss_is_a_batch_mean_the_trainer_averages():
+    """The Trainer must not hand it an item count (it would then skip averaging over accumulation steps and scale
+    by the processes), and pipelines read its device."""
+    classifier = ship_peft.ImageClassifier(DINOv3ViTModel(dinov3_config()), 3)
+    assert classifier.accepts_loss_kwargs is False
+    assert classifier.device == torch.device("cpu")
+    assert classifier.classifier.weight.dtype == next(classifier.backbone.parameters()).dtype
+    bf16 = ship_peft.ImageClassifier(DINOv3ViTModel(dinov3_config()).to(torch.bfloat16), 3)
+    assert bf16.classifier.weight.dtype == torch.bfloat16
 
 
 def test_siglip2_needs_patchified_images():

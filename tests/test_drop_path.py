@@ -23,7 +23,8 @@ def test_each_branch_is_dropped_per_sample_with_its_rate_and_kept_ones_keep_the_
     assert drops[0].samples == BranchScales()  # rate 0: nothing dropped, the branches added as they are
     attention, mlp = drops[1].samples.attention, drops[1].samples.mlp
     for scales in (attention, mlp):
-        assert set(scales.unique().tolist()) == {0.0, 1 / 0.7}
+        assert scales.dtype == torch.float32  # every device holds it (MPS has no float64)
+        assert scales.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
         assert (scales == 0).double().mean().item() == pytest.approx(0.3, abs=0.015)
     both = ((attention == 0) & (mlp == 0)).double().mean().item()
     assert both == pytest.approx(0.09, abs=0.01)  # the two branches are drawn separately

@@ -82,7 +82,9 @@ class DataTrainingArguments:
     label_column_name: str = field(default="label", metadata={"help": "The column holding the labels."})
     train_val_split: float = field(default=0.15, metadata={"help": "Share of train held out without validation."})
     max_train_samples: Optional[int] = field(default=None, metadata={"help": "Train on this many images at most."})
-    max_eval_samples: Optional[int] = field(default=None, metadata={"help": "Evaluate on this many at most."})
+    max_eval_samples: Optional[int] = field(
+        default=None, metadata={"help": "Evaluate (validation, test) on this many at most."}
+    )
     calibration_samples: int = field(default=1000, metadata={"help": "Training images SHIP's calibration reads."})
 
     def __post_init__(self):
@@ -114,19 +116,22 @@ def parse_arguments() -> tuple:
     return parser.parse_args_into_dataclasses()
 
 
-def load_splits(data_args: DataTrainingArguments, seed: int) -> datasets.DatasetDict:
+def load_splits(data_args: DataTrainingArguments, model_args: ModelArguments, seed: int) -> datasets.DatasetDict:
     """The dataset with ``train``, ``validation`` (held out of train if missing) and, if it has one, ``test``."""
+    access = {"cache_dir": model_args.cache_dir, "token": model_args.token}
     if data_args.dataset_name is not None:
-        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        dataset = datasets.load_dataset(data_args.dataset_name, data_args.dataset_config_name, **access)
     else:
         folders = {"train": data_args.train_dir, "validation": data_args.validation_dir, "test": data_args.test_dir}
         files = {split: os.path.join(folder, "**") for split, folder in folders.items() if folder}
-        dataset = datasets.load_dataset("imagefolder", data_files=files)
+        dataset = datasets.load_dataset("imagefolder", data_files=files, **access)
     if "validation" not in dataset:
         held_out = dataset["train"].train_test_split(data_args.train_val_split, seed=seed)
         dataset["train"], dataset["validation"] = held_out["train"], held_out["test"]
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None:
+    limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples}
+    limits["test"] = data_args.max_eval_samples
+    for split, limit in limits.items():
+        if limit is not None and split in dataset:
             dataset[split] = dataset[split].select(range(min(limit, len(dataset[split]))))
     return dataset
 
@@ -164,15 +169,23 @@ class Preprocess:
 
 def main() -> None:
     model_args, data_args, ship_args, training_args = parse_arguments()
+    if training_args.do_eval and not training_args.do_train:
+        raise ValueError(
+            "run_ship.py evaluates the adapter it trains: add --do_train, or evaluate a saved adapter with "
+            "`ship-peft evaluate ADAPTER --dataset ...` (or PeftModel.from_pretrained)."
+        )
     training_args.remove_unused_columns = False  # the image column feeds the transform
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
     transformers.set_seed(training_args.seed)
 
-    dataset = load_splits(data_args, training_args.seed)
+    dataset = load_splits(data_args, model_args, training_args.seed)
     label_names = dataset["train"].features[data_args.label_column_name].names
     processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path, cache_dir=model_args.cache_dir
+        model_args.image_processor_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
     )
     dataset.set_transform(Preprocess(processor, data_args.image_column_name, data_args.label_column_name))
 

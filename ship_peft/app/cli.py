@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from PIL import Image
 from peft import PeftModel
 
 from .. import __version__
@@ -342,7 +343,8 @@ def _add_calibrate(commands: Any) -> None:
     calibrate = commands.add_parser(
         "calibrate",
         help="show the semantic levels of a model on a dataset and write the layer-affinity heatmap",
-        description="Run SHIP's calibration (layer affinity of the CLS features) and show the levels it gives.",
+        description="Run SHIP's calibration (layer affinity of the image-summary features: the CLS token, or the mean "
+        "token for backbones without one) and show the levels it gives.",
     )
     add_model_arguments(calibrate)
     add_split_arguments(calibrate)
@@ -803,7 +805,7 @@ def explain_images(run: ExplainRun) -> list[tuple[Path, Any]]:
         title = f"{path.name}: predicted {label_names[predicted]} ({probability:.2f})"
         stem = run.output_dir / f"{index:04d}_{path.stem}"
         drawn = plot_explanation(
-            image,
+            processed_image(processor, processed["pixel_values"][0], image),
             explanation.attention[0],
             {layer: tokens[0].tolist() for layer, tokens in explanation.attribute_tokens.items()},
             explanation.matching_tokens[0].tolist(),
@@ -835,6 +837,19 @@ def _square_images(model: PeftModel, command: str) -> tuple[int, int]:
             f"the size you serve (`ship_peft.export.export_program(model, example)`, docs/serving.md)."
         )
     return channels, size[0]
+
+
+def processed_image(processor: Any, pixel_values: torch.Tensor, image: Any) -> Any:
+    """The image as the model saw it (``pixel_values`` ``[C, H, W]`` un-normalised), so that the patch grid lies on
+    it whatever the processor resized or cropped; the original ``image`` where the processor names no mean and std."""
+    data_config = getattr(processor, "data_config", {})  # transformers' timm wrapper
+    mean = getattr(processor, "image_mean", None) or data_config.get("mean")
+    std = getattr(processor, "image_std", None) or data_config.get("std")
+    if mean is None or std is None:
+        return image
+    shape = (-1, 1, 1)
+    pixels = pixel_values.float() * torch.tensor(std).view(shape) + torch.tensor(mean).view(shape)
+    return Image.fromarray((pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
 
 
 def report_explain(run: ExplainRun, outcome: list[tuple[Path, Any]]) -> None:

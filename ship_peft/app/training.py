@@ -166,7 +166,8 @@ def load_backbone(model_path: str, label_names: list[str]) -> torch.nn.Module:
     finally:
         transformers.logging.set_verbosity(verbosity)
         transformers.logging.enable_progress_bar()
-    missing = [key for key in info["missing_keys"] if not key.startswith("classifier.")]
+    heads = () if bare else tuple(f"{name}." for name in classifier_names(model, resolve_target(model, None)))
+    missing = [key for key in info["missing_keys"] if not key.startswith(heads)]
     if missing:
         say(f"warning: {model_path} has no weights for {len(missing)} backbone tensors ({missing[:3]} ...): random.")
     if bare:
@@ -403,18 +404,19 @@ def last_logged(log_history: list[dict[str, float]], key: str) -> Optional[float
 def adapter_num_labels(adapter: str) -> int:
     """Number of classes of a saved SHIP adapter (rows of its classifier: the first of its ``modules_to_save``), from
     a folder or a Hub repository."""
-    heads = tuple(f"{name}.weight" for name in PeftConfig.from_pretrained(adapter).modules_to_save or ())
+    heads = PeftConfig.from_pretrained(adapter).modules_to_save or []
     path = Path(adapter) / "adapter_model.safetensors"
     if not path.is_file():
         path = hf_hub_download(adapter, "adapter_model.safetensors")
     with safe_open(str(path), framework="pt") as tensors:
-        keys = [key for key in tensors.keys() if heads and key.endswith(heads)]
-        if not keys:
-            raise InputError(
-                f"{adapter} holds no classifier weights; train it with the model's classifier in modules_to_save "
-                f"(`ship-peft train` does)."
-            )
-        return tensors.get_slice(keys[0]).get_shape()[0]
+        for head in heads:  # in order: the first classifier's matrix
+            shapes = [tensors.get_slice(key).get_shape() for key in tensors.keys() if key.endswith(f"{head}.weight")]
+            if shapes and len(shapes[0]) == 2:
+                return shapes[0][0]
+    raise InputError(
+        f"{adapter} holds no classifier weights; train it with the model's classifier in modules_to_save "
+        f"(`ship-peft train` does)."
+    )
 
 
 def adapter_label_names(adapter: str) -> list[str]:

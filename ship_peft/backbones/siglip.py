@@ -49,10 +49,11 @@ def valid_keys(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     transformers builds it boolean (True: attend) or additive (0: attend) by attention implementation."""
     if mask is None:
         return None
-    if not torch.is_tensor(mask):
+    if not torch.is_tensor(mask) or mask.dim() != 4:
         raise NotImplementedError(
-            f"SHIP reads SigLIP 2's padding from a tensor attention mask, got {type(mask).__name__} (flex attention); "
-            f"load the model with attn_implementation='sdpa' or 'eager'."
+            f"SHIP reads SigLIP 2's padding from the [B, 1, N, N] attention mask of sdpa or eager attention, got "
+            f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))} (flash or flex attention); load the model with "
+            f"attn_implementation='sdpa' or 'eager'."
         )
     keys = mask[:, 0, 0, :]
     return keys if keys.dtype == torch.bool else keys == 0
