@@ -8,7 +8,8 @@ from functools import partial
 import torch
 from transformers.models.dinov3_vit.modeling_dinov3_vit import DINOv3ViTBackbone, DINOv3ViTModel, rotate_half
 
-from .base import BlockInputs, TransformersBackbone, check_block_arguments
+from .base import BlockInputs, check_block_arguments
+from .dinov2 import Dinov2Backbone
 
 
 def rotate_patches(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -20,25 +21,16 @@ def rotate_patches(states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -
     return torch.cat([states[..., :prefix, :], patches * cos + rotate_half(patches) * sin], dim=-2)
 
 
-class DINOv3Backbone(TransformersBackbone):
+class DINOv3Backbone(Dinov2Backbone):
     """``DINOv3ViTModel`` and ``DINOv3ViTBackbone`` (no classification class: see :class:`ship_peft.ImageClassifier`).
-    ``N`` counts the CLS token, the registers and the patches; rotary positions (with the training-time
-    augmentation the host draws) rotate the patches' queries and keys."""
+    Its block names its parts as DINOv2's; ``N`` counts the CLS token, the registers and the patches, and any image
+    size the patch divides runs. Rotary positions (with the training-time augmentation the host draws) rotate the
+    patches' queries and keys."""
 
     name = "transformers DINOv3 ViT"
     host_types = (DINOv3ViTModel, DINOv3ViTBackbone)
     blocks_path = "model.layer"
-    head_names = ("classifier",)
-    norm1_path = "norm1"
-    attention_path = "attention"
-    norm2_path = "norm2"
-    layer_scale1_path = "layer_scale1"
-    layer_scale2_path = "layer_scale2"
-    drop_path_path = "drop_path"
     attention_dropout_name = "dropout"
-
-    def image_format(self, host):
-        return host.config.num_channels, None  # rotary positions: any size the patch divides
 
     def block_inputs(self, block, args, kwargs):
         kwargs = dict(kwargs)

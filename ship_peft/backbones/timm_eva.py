@@ -9,13 +9,11 @@ Imported only with timm, as ``timm_vit.py``.
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional
 
 import torch
 from timm.layers import AttentionRope
 from timm.layers.pos_embed_sincos import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock
-from torch import nn
 
 from .base import BlockInputs, check_block_arguments, split_heads
 from .timm_vit import TimmBackbone
@@ -35,18 +33,8 @@ class TimmEvaBackbone(TimmBackbone):
     name = "timm Eva (EVA-02, DINOv3, Perception Encoder)"
     host_types = (Eva,)
 
-    @classmethod
-    def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
-        for block in host.blocks:
-            block = getattr(block, "base_layer", block)  # a SHIP block wraps it once an adapter is added
-            if type(block) is not EvaBlock or type(block.attn) not in (EvaAttention, AttentionRope):
-                return f"its blocks are {type(block).__name__} / {type(block.attn).__name__}, not timm's pre-norm " \
-                    "EvaBlock"
-            if block.attn.gate is not None:
-                return "its attention is gated, which SHIP does not model"
-            if getattr(block.attn, "num_kv_groups", 1) > 1:
-                return "its attention groups its key/value heads (grouped-query attention), which SHIP does not model"
-        return None
+    block_types = (EvaBlock,)
+    attention_types = (EvaAttention, AttentionRope)
 
     def block_inputs(self, block, args, kwargs):
         kwargs = dict(kwargs)
@@ -59,7 +47,7 @@ class TimmEvaBackbone(TimmBackbone):
         rotate = partial(rotate_after_prefix, rope=rope, num_prefix_tokens=attention.num_prefix_tokens, half=half)
         return BlockInputs(rotate=rotate)
 
-    def _projection(self, block: nn.Module, part: int, normed: torch.Tensor) -> torch.Tensor:
+    def projection(self, block, part, normed):
         attention = block.attn
         if attention.qkv is not None:
             return self.fused_projection(block, part, normed)
@@ -70,12 +58,6 @@ class TimmEvaBackbone(TimmBackbone):
         if getattr(attention, "q_bias", None) is not None:  # EvaAttention: q and v biases, a zero k bias
             return (attention.q_bias, attention.k_bias, attention.v_bias)[part]
         return super().fused_bias(attention, part, rows)
-
-    def query(self, block, normed):
-        return block.attn.q_norm(self._projection(block, 0, normed))
-
-    def key_value(self, block, normed):
-        return block.attn.k_norm(self._projection(block, 1, normed)), self._projection(block, 2, normed)
 
     def attention_branch(self, block, attended):
         attention = block.attn

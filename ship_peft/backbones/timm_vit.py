@@ -9,7 +9,7 @@ non-reentrant by default; the recomputation reads what the forward read (``ship_
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,23 @@ class TimmBackbone(Backbone):
 
     blocks_path = "blocks"
     head_names = ("head", "head_dist")
+    #: the block and attention classes SHIP models (a family's exact types)
+    block_types: ClassVar[tuple[type[nn.Module], ...]]
+    attention_types: ClassVar[tuple[type[nn.Module], ...]]
+
+    @classmethod
+    def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
+        for block in host.blocks:
+            block = getattr(block, "base_layer", block)  # a SHIP block wraps it once an adapter is added
+            if type(block) not in cls.block_types or type(block.attn) not in cls.attention_types:
+                found = f"{type(block).__name__} / {type(block.attn).__name__}"
+                names = " / ".join(kind.__name__ for kind in cls.block_types + cls.attention_types)
+                return f"its blocks are {found}, not timm's pre-norm {names}"
+            if block.attn.gate is not None:
+                return "its attention is gated, which SHIP does not model"
+            if getattr(block.attn, "num_kv_groups", 1) > 1:
+                return "its attention groups its key/value heads (grouped-query attention), which SHIP does not model"
+        return None
 
     def has_class_token(self, host):
         return getattr(host, "cls_token", None) is not None
@@ -49,8 +66,19 @@ class TimmBackbone(Backbone):
         output = F.scaled_dot_product_attention(query, key, value, mask, dropout_p=dropout, scale=block.attn.scale)
         return output.transpose(1, 2).reshape(output.shape[0], output.shape[2], -1)
 
+    def query(self, block, normed):
+        return block.attn.q_norm(self.projection(block, 0, normed))
+
+    def key_value(self, block, normed):
+        return block.attn.k_norm(self.projection(block, 1, normed)), self.projection(block, 2, normed)
+
+    def projection(self, block: nn.Module, part: int, normed: torch.Tensor) -> torch.Tensor:
+        """Part ``part`` (0: query, 1: key, 2: value) of the block's attention projection, ``[B, H, n, d]``: by default
+        cut from its fused ``qkv``."""
+        return self.fused_projection(block, part, normed)
+
     def fused_projection(self, block: nn.Module, part: int, normed: torch.Tensor) -> torch.Tensor:
-        """Part ``part`` (0: query, 1: key, 2: value) of the block's fused ``qkv`` projection, ``[B, H, n, d]``."""
+        """Part ``part`` of the block's fused ``qkv`` projection."""
         attention = block.attn
         size = attention.head_dim * attention.num_heads
         rows = slice(part * size, (part + 1) * size)
@@ -70,21 +98,8 @@ class TimmViTBackbone(TimmBackbone):
     name = "timm VisionTransformer"
     host_types = (VisionTransformer,)
 
-    @classmethod
-    def unsupported_reason(cls, host: nn.Module) -> Optional[str]:
-        for block in host.blocks:
-            block = getattr(block, "base_layer", block)  # a SHIP block wraps it once an adapter is added
-            if type(block) is not Block or type(block.attn) is not Attention:
-                return f"its blocks are {type(block).__name__} / {type(block.attn).__name__}, not timm's pre-norm Block / Attention"
-            if block.attn.gate is not None:
-                return "its attention is gated, which SHIP does not model"
-        return None
-
-    def query(self, block, normed):
-        return block.attn.q_norm(self.fused_projection(block, 0, normed))
-
-    def key_value(self, block, normed):
-        return block.attn.k_norm(self.fused_projection(block, 1, normed)), self.fused_projection(block, 2, normed)
+    block_types = (Block,)
+    attention_types = (Attention,)
 
     def attention_branch(self, block, attended):
         attention = block.attn
