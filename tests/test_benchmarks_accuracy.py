@@ -65,12 +65,64 @@ def test_quick_run_end_to_end(tmp_path):
     rows = result["runs"]
     assert {(r["method"], r["seed"]) for r in rows} == {("linear", 0), ("ship", 0)}
     for row in rows:
-        for key in ("task", "group", "method", "seed", "lr", "val_acc", "test_acc", "trainable_params",
-                    "total_seconds", "final"):
+        for key in ("task", "group", "method", "seed", "lr", "weight_decay", "val_acc", "test_acc",
+                    "trainable_params", "total_seconds", "final", "curve"):
             assert key in row
         assert 0.0 <= row["val_acc"] <= 1.0 and 0.0 <= row["test_acc"] <= 1.0
         assert row["trainable_params"] > 0 and row["final"]
-    assert rows[1]["prompt_layers"][0] == 0
+        assert row["curve"][-1]["epoch"] == 1 and row["curve"][-1]["val_acc"] == row["val_acc"]
+    ship = next(r for r in rows if r["method"] == "ship")
+    assert ship["prompt_layers"][0] == 0 and ship["kmeans_inertia"] > 0
     saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
     assert set(saved["summary"]) == {"linear/counting", "ship/counting"}
     assert "counting" in (tmp_path / "accuracy_quick.md").read_text()
+    with pytest.raises(SystemExit, match="protocol 'vtab1k', not 'small'"):  # resuming another protocol's file
+        accuracy.main(["--quick", "--protocol", "small", "--tasks", "counting", "--methods", "linear",
+                       "--output-dir", str(tmp_path), "--resume"])
+
+
+def test_protocol_defaults_and_overrides():
+    args = accuracy.parse_args([])
+    assert (args.train_size, args.val_size, args.epochs, args.batch_size) == (800, 200, 15, 64)
+    assert args.vpt_prompts == args.ship_prompts + 10 and "position" not in args.tasks
+    args = accuracy.parse_args(["--protocol", "small", "--epochs", "2"])
+    assert (args.train_size, args.epochs, args.dtype) == (160, 2, "bf16")
+    assert accuracy.ship_config("ship", accuracy.parse_args([]), 12).drop_path_rate == 0.1  # SHIP's recipe
+    assert accuracy.ship_config("vpt_deep", accuracy.parse_args([]), 12).drop_path_rate == 0.0
+
+
+@pytest.mark.parametrize("name", list(accuracy.PROTOCOLS))
+def test_schedule_warms_up_then_decays_to_the_floor(name):
+    protocol = accuracy.PROTOCOLS[name]
+    factor = accuracy.lr_lambda(100, 1e-2, protocol)
+    lrs = [1e-2 * factor(step) for step in range(100)]
+    assert lrs[9] == pytest.approx(1e-2) and max(lrs) == pytest.approx(1e-2)  # 10 warm-up steps
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[0] == pytest.approx(protocol.warmup_start_lr + (1e-2 - protocol.warmup_start_lr) / 10)
+    assert 1e-2 * factor(100) == pytest.approx(protocol.min_lr)
+
+
+def test_selection_extends_a_winning_edge_then_tries_the_decays():
+    """The grid grows one step past a winning edge; the other weight decays run at the chosen rate; ties go to
+    the smaller value."""
+    args = accuracy.parse_args([])  # SHIP's recipe: rates 3e-3, 1e-2, 3e-2; decays 0, 1e-2; one extension
+    calls = []
+
+    def fake_run(score):
+        def run(method, seed, hyper, stage):
+            calls.append((hyper.lr, hyper.weight_decay))
+            return dict(lr=hyper.lr, weight_decay=hyper.weight_decay, val_acc=score(hyper), stage=stage)
+        return run
+
+    best = accuracy.select("ship", 0, fake_run(lambda h: h.lr - h.weight_decay), args)  # larger rate wins
+    assert calls == [(3e-3, 0.0), (1e-2, 0.0), (3e-2, 0.0), (1e-1, 0.0), (1e-1, 1e-2)]
+    assert (best["lr"], best["weight_decay"]) == (1e-1, 0.0)
+    calls.clear()
+    best = accuracy.select("ship", 0, fake_run(lambda h: 0.5), args)  # all tie: the smallest values
+    assert calls == [(3e-3, 0.0), (1e-2, 0.0), (3e-2, 0.0), (1e-3, 0.0), (1e-3, 1e-2)]
+    assert (best["lr"], best["weight_decay"]) == (1e-3, 0.0)
+    calls.clear()
+    best = accuracy.select("ship", 0, fake_run(lambda h: -abs(h.lr - 1e-2) + h.weight_decay), args)
+    assert calls == [(3e-3, 0.0), (1e-2, 0.0), (3e-2, 0.0), (1e-2, 1e-2)]  # inside the grid: no extension
+    assert (best["lr"], best["weight_decay"]) == (1e-2, 1e-2)
+    assert accuracy.one_step_past([1e-4, 3e-4, 1e-3], 1e-4) == 3e-5 and accuracy.one_step_past([1e-2], 1e-2) is None
