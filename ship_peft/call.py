@@ -186,9 +186,26 @@ def close_pass() -> None:
 _RECOMPUTE: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
+def _without_history(value: Any) -> Any:
+    """A tensor's values as a leaf that requires grad as the tensor did; anything else as is."""
+    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+        return value.detach().requires_grad_()
+    return value
+
+
 def remember_inputs(hidden_states: torch.Tensor, block_pass: BlockPass) -> None:
-    """Keep what a block reads from ``block_pass`` for a recomputation of the call on ``hidden_states``."""
-    _RECOMPUTE[hidden_states] = block_pass.snapshot()
+    """Keep what a block reads from ``block_pass`` for a recomputation of the call on ``hidden_states``.
+
+    Kept without autograd history: a non-reentrant recomputation only refills the saved tensors of the graph the
+    forward recorded (gradients flow through that graph), so it needs the values and whether they require grad, not
+    their history. With the history, the record would hold the graph, the graph would hold ``hidden_states``, and
+    the entry, weakly keyed by it, would never be dropped: every training step's activations would stay alive.
+    """
+    _RECOMPUTE[hidden_states] = BlockPass([
+        dataclasses.replace(group, **{field.name: _without_history(getattr(group, field.name))
+                                      for field in dataclasses.fields(group)})
+        for group in block_pass.groups
+    ])
 
 
 def remembered_inputs(hidden_states: torch.Tensor) -> Optional[BlockPass]:

@@ -80,6 +80,8 @@ def test_timm_s_gradient_checkpointing_gives_the_same_gradients(config):
     torch.testing.assert_close(checkpointed_loss, loss, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    del loss, checkpointed_loss
+    assert not tensors_with_history()  # what the recomputation read is dropped with the step's graph
 
 
 def test_reentrant_checkpointing_is_a_clear_error(monkeypatch):
@@ -135,7 +137,7 @@ from test_forward_naive import (  # noqa: E402
     naive_prompts,
     sharpen_backbone,
 )
-from utils import fill_prototypes  # noqa: E402
+from utils import fill_prototypes, tensors_with_history  # noqa: E402
 from utils.naive_ship import BlockParts, ImageLayout, naive_ship_on_host  # noqa: E402
 
 COMMON = dict(img_size=16, patch_size=4, embed_dim=32, depth=4, num_heads=2, num_classes=3)

@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import ship_peft
 from ship_peft.layer import ShipBlock
-from utils import pixels, tiny_ship_model, tiny_vit
+from utils import pixels, tensors_with_history, tiny_ship_model, tiny_vit
 
 LABELS = torch.tensor([0, 1, 2, 1])
 
@@ -81,6 +81,19 @@ def test_the_matching_loss_reaches_the_output_and_leaves_nothing_on_the_model():
     with ship_peft.record_matching_loss() as call:  # models that return logits only get it this way
         model(pixel_values=pixels())
     torch.testing.assert_close(call.matching_loss, outputs.matching_loss)
+
+
+@pytest.mark.parametrize("drop_path_rate", [0.0, 0.1])
+def test_training_steps_leave_no_activations_alive(drop_path_rate):
+    """Once a step's loss is gone, nothing of its graph is: no training step keeps the last one's activations."""
+    model = tiny_ship_model(drop_path_rate=drop_path_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    before = len(tensors_with_history())
+    for _ in range(3):
+        training_step(model)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert len(tensors_with_history()) == before
 
 
 def test_threads_running_forwards_on_one_model_get_their_own_losses():

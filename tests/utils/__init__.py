@@ -2,6 +2,24 @@
 """Helpers of the test suite: tiny models (``models``), the naive oracle (``naive_ship``), the reference fixtures
 (``reference_fixture``) and the multi-process harness (``distributed_train``, run by ``torchrun``)."""
 
-from .models import SHARED, base_state_dict, fill_prototypes, pixels, tiny_ship_model, tiny_vit, tiny_vit_config
+from .models import (
+    SHARED,
+    base_state_dict,
+    fill_prototypes,
+    pixels,
+    tensors_with_history,
+    tiny_ship_model,
+    tiny_vit,
+    tiny_vit_config,
+)
 
-__all__ = ["SHARED", "base_state_dict", "fill_prototypes", "pixels", "tiny_ship_model", "tiny_vit", "tiny_vit_config"]
+__all__ = [
+    "SHARED",
+    "base_state_dict",
+    "fill_prototypes",
+    "pixels",
+    "tensors_with_history",
+    "tiny_ship_model",
+    "tiny_vit",
+    "tiny_vit_config",
+]

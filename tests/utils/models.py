@@ -66,3 +66,14 @@ def base_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def pixels(batch: int = 4, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tensors_with_history() -> list[torch.Tensor]:
+    """Every live tensor that holds an autograd graph (after a garbage collection)."""
+    import gc
+    import warnings
+
+    gc.collect()
+    with warnings.catch_warnings():  # some objects warn when isinstance looks at them
+        warnings.simplefilter("ignore")
+        return [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and obj.grad_fn is not None]
