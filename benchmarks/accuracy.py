@@ -444,6 +444,12 @@ def at_grid_edge(rows: list[dict[str, Any]], final: dict[str, Any]) -> bool:
     return len(rates) > 1 and final["lr"] in (rates[0], rates[-1])
 
 
+def mean_curve(final: list[dict[str, Any]]) -> dict[int, float]:
+    """Validation accuracy at each point of the training curve, mean over the seeds (empty without curves)."""
+    points = [{p["epoch"]: p["val_acc"] for p in r.get("curve", ()) if "val_acc" in p} for r in final]
+    return {epoch: statistics.mean(p[epoch] for p in points) for epoch in points[0] if all(epoch in p for p in points)}
+
+
 def summarize(rows: list[dict[str, Any]], methods: list[str], task_names: list[str]) -> dict[str, Any]:
     """Per method and task: the chosen values, the final rows (one per seed), mean and std of test accuracy."""
     summary: dict[str, Any] = {}
@@ -461,6 +467,7 @@ def summarize(rows: list[dict[str, Any]], methods: list[str], task_names: list[s
                 mean=statistics.mean(accs), std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
                 trainable_params=final[0]["trainable_params"], prompt_layers=final[0].get("prompt_layers"),
                 seconds=statistics.mean(r["total_seconds"] for r in final),
+                val_curve=mean_curve(final),
             )
     return summary
 
@@ -505,8 +512,23 @@ def _choice_table(summary: dict[str, Any], methods: list[str], task_names: list[
     return lines
 
 
+def _curve_table(summary: dict[str, Any], methods: list[str], task_names: list[str]) -> list[str]:
+    entries = [summary[f"{m}/{t}"] for m in methods for t in task_names if f"{m}/{t}" in summary]
+    epochs = next((list(e["val_curve"]) for e in entries if e["val_curve"]), None)
+    if epochs is None:
+        return []
+    lines = ["", f"Validation accuracy (%) along training, mean over seeds, after epochs {', '.join(map(str, epochs))}:",
+             "", "| method | " + " | ".join(task_names) + " |", "|" + "---|" * (len(task_names) + 1)]
+    for method in methods:
+        cells = [" → ".join(f"{100 * v:.0f}" for v in summary[f"{method}/{t}"]["val_curve"].values())
+                 if f"{method}/{t}" in summary else "–" for t in task_names]
+        lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary: dict[str, Any], methods: list[str], task_names: list[str], meta: dict[str, Any]) -> str:
-    text = "\n".join(_accuracy_table(summary, methods, task_names) + _choice_table(summary, methods, task_names))
+    text = "\n".join(_accuracy_table(summary, methods, task_names) + _choice_table(summary, methods, task_names)
+                     + _curve_table(summary, methods, task_names))
     levels = [f"{t}: {summary[f'ship/{t}']['prompt_layers']}" for t in task_names if f"ship/{t}" in summary]
     if levels:
         text += "\n\nSHIP levels found by calibration (α = {}): {}.".format(meta["settings"]["share_threshold"],
