@@ -59,7 +59,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -157,6 +157,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--ship-prompts", type=int, help="SHIP's K (default: the protocol's)")
     parser.add_argument("--share-threshold", type=float, default=0.75, help="SHIP's alpha")
     parser.add_argument("--prototypes", type=int, help="SHIP's M (<= --train-size; default: the protocol's)")
+    parser.add_argument("--ship-config", nargs="+", default=[], metavar="NAME=VALUE",
+                        help="ShipConfig fields changed for SHIP and its ablations (diagnostics; values read as JSON)")
     parser.add_argument("--lr-grid", choices=("on", "off"), default="on",
                         help="off: the first value of each grid (no selection)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -186,11 +188,21 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, value)
+    args.ship_overrides = dict(map(config_value, args.ship_config))
     if args.vpt_prompts is None:
         args.vpt_prompts = args.ship_prompts + 10  # as many prompt tokens per layer as SHIP's K + S
     if args.prototypes > args.train_size:
         parser.error(f"--prototypes ({args.prototypes}) must not exceed --train-size ({args.train_size})")
     return args
+
+
+def config_value(text: str) -> tuple[str, Any]:
+    """``"name=value"`` -> ``("name", value)``, the value read as JSON where it parses (``"a=0.5"`` -> 0.5)."""
+    name, _, value = text.partition("=")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
 
 
 def recipe_of(method: str, args: argparse.Namespace) -> Recipe:
@@ -210,7 +222,8 @@ def ship_config(method: str, args: argparse.Namespace, num_layers: int):
     if name in ("vpt-shallow", "vpt-deep"):
         return presets.adapter_config(name, num_layers, num_prompts=args.vpt_prompts, **drop)
     values = dict(num_prompts=args.ship_prompts, share_threshold=args.share_threshold, num_prototypes=args.prototypes)
-    return presets.adapter_config(name, num_layers, **values, **small, **drop)
+    config = presets.adapter_config(name, num_layers, **values, **small, **drop)
+    return replace(config, **args.ship_overrides)
 
 
 def build_model(method: str, num_classes: int, train_x: torch.Tensor, args: argparse.Namespace):

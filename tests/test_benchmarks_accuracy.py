@@ -89,6 +89,20 @@ def test_protocol_defaults_and_overrides():
     assert (args.train_size, args.epochs, args.dtype) == (160, 2, "bf16")
     assert accuracy.ship_config("ship", accuracy.parse_args([]), 12).drop_path_rate == 0.1  # SHIP's recipe
     assert accuracy.ship_config("vpt_deep", accuracy.parse_args([]), 12).drop_path_rate == 0.0
+    changed = accuracy.parse_args(["--ship-config", "drop_path_rate=0", "image_summary=mean"])
+    assert accuracy.ship_config("ship_no_shared", changed, 12).drop_path_rate == 0  # SHIP and its ablations
+    assert accuracy.ship_config("ship", changed, 12).image_summary == "mean"
+    assert accuracy.ship_config("vpt_deep", changed, 12).image_summary == "auto"  # not VPT
+
+
+def test_diagnostics_train_ship_with_one_setting_changed(tmp_path):
+    import accuracy_diagnostics
+
+    rows = accuracy_diagnostics.main(["--task", "counting", "--lr", "0.01", "--variant", "recipe", "num_prompts=5",
+                                      "--output-dir", str(tmp_path), "--quick"])
+    assert [row["variant"] for row in rows] == ["recipe", "num_prompts=5"]
+    assert rows[1]["trainable_params"] - rows[0]["trainable_params"] == 3 * 192 * len(rows[0]["prompt_layers"])
+    assert json.loads((tmp_path / "diagnostics_counting.json").read_text())[1]["test_acc"] == rows[1]["test_acc"]
 
 
 @pytest.mark.parametrize("name", list(accuracy.PROTOCOLS))
