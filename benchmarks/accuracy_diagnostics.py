@@ -44,15 +44,15 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     path = args.output_dir / f"diagnostics_{args.task}.json"
     rows = json.loads(path.read_text()) if args.resume and path.exists() else []
     for variant in args.variant:
-        if any(row["variant"] == variant for row in rows):
+        if any((row["variant"], row["benchmark_args"]) == (variant, benchmark_args) for row in rows):
             continue
         bench.ship_overrides = {} if variant == "recipe" else dict(map(accuracy.config_value, variant.split(",")))
         row = accuracy.run_one(args.task, data, "ship", args.seed, accuracy.Hyper(args.lr, args.weight_decay), bench,
                                accuracy.FeatureCache())
-        rows.append(dict(variant=variant, **row))
+        rows.append(dict(variant=variant, benchmark_args=benchmark_args, **row))
         path.write_text(json.dumps(rows, indent=1))
         curve = [round(100 * p["val_acc"]) for p in row["curve"] if "val_acc" in p]
-        print(f"{args.task} {variant:40s} val {row['val_acc']:.3f} test {row['test_acc']:.3f} "
+        print(f"{args.task} {variant} {' '.join(benchmark_args)}: val {row['val_acc']:.3f} test {row['test_acc']:.3f} "
               f"final loss {row['final_train_loss']:.3f} curve {curve}", flush=True)
     return rows
 
