@@ -625,12 +625,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             row = next((r for r in rows if (r["task"], r["method"], r["seed"], r["lr"], r["weight_decay"]) == key),
                        None)
             if row is None:
-                row = dict(run_one(task, data, method, seed, hyper, args, cache), stage=stage, final=False)
+                row = dict(run_one(task, data, method, seed, hyper, args, cache), stage=stage, final=stage == "final")
                 rows.append(row)
                 print(f"[{time.perf_counter() - started:7.1f}s] {task:11s} {method:18s} seed {seed} lr {hyper.lr:g} "
                       f"wd {hyper.weight_decay:g}: val {row['val_acc']:.3f} test {row['test_acc']:.3f} "
                       f"({row['total_seconds']:.1f}s)", flush=True)
                 save()
+            row["final"] = row["final"] or stage == "final"
             return row
 
         first = args.seeds[0]
@@ -641,16 +642,17 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 best = select(method, first, run, args)
                 best["final"] = True
                 chosen[method] = Hyper(best["lr"], best["weight_decay"])
+                save()
         # 2. the ablations with SHIP's values (the first values of its grid without a SHIP run)
         prompt = recipe_of("ship", args)
         for method in methods:
             if method in ABLATIONS:
                 chosen[method] = chosen.get("ship", Hyper(prompt.learning_rates[0], prompt.weight_decays[0]))
-                run(method, first, chosen[method], "final")["final"] = True
+                run(method, first, chosen[method], "final")
         # 3. the other seeds
         for seed in args.seeds[1:]:
             for method in methods:
-                run(method, seed, chosen[method], "final")["final"] = True
+                run(method, seed, chosen[method], "final")
         save()
     result = save()
     print(md_path.read_text())
