@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
 from pathlib import Path
@@ -83,12 +82,15 @@ def test_speed_benchmark_builds_its_methods_from_the_presets():
 
 def test_accuracy_benchmark_builds_its_methods_from_the_presets():
     accuracy = load_benchmark("accuracy")
-    args = argparse.Namespace(quick=False, vpt_prompts=9, ship_prompts=5, share_threshold=0.9, prototypes=8)
+    args = accuracy.parse_args(["--vpt-prompts", "9", "--ship-prompts", "5", "--share-threshold", "0.9",
+                                "--prototypes", "8"])
     for method in ("vpt_deep", "vpt_shallow", "ship", *accuracy.ABLATIONS):
         config = accuracy.ship_config(method, args, num_layers=4)  # the depth comes from the backbone, not 12
         name = method.replace("_", "-")
         values = {} if name.startswith("vpt") else dict(num_prompts=5, share_threshold=0.9, num_prototypes=8)
-        expected = presets.adapter_config(name, 4, **({"num_prompts": 9} if name.startswith("vpt") else values))
+        recipe = dict(drop_path_rate=accuracy.recipe_of(method, args).drop_path_rate)  # the protocol's recipe
+        expected = presets.adapter_config(name, 4, **({"num_prompts": 9} if name.startswith("vpt") else values),
+                                          **recipe)
         assert isinstance(config, ShipConfig) and config.to_dict() == expected.to_dict(), method
 
 
