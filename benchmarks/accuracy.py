@@ -387,6 +387,11 @@ def run_one(task, data, method: str, seed: int, hyper: Hyper, args, cache: Featu
                 total_seconds=round(time.perf_counter() - start, 2), curve=curve, **extra)
 
 
+def split_sizes(args: argparse.Namespace) -> dict[str, int]:
+    """The number of images of each split."""
+    return {"train": args.train_size, "validation": args.val_size, "test": args.test_size}
+
+
 class Splits:
     """A task's splits as normalised tensors: ``data[split] = (x, y)``."""
 
@@ -602,7 +607,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     meta = dict(command="python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                 machine=machine(), device=args.device, torch=torch.__version__, settings=settings,
                 recipes={k: asdict(v) for k, v in protocol.recipes.items()})
-    sizes = {"train": args.train_size, "validation": args.val_size, "test": args.test_size}
     methods = list(dict.fromkeys(args.methods))  # the order they run in; tables follow METHODS
     table_methods = [m for m in METHODS if m in methods]
     cache = FeatureCache()
@@ -617,7 +621,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         return result
 
     for task in args.tasks:
-        data = Splits(task_module.load_task(task, sizes, args.data_seed))
+        data = Splits(task_module.load_task(task, split_sizes(args), args.data_seed))
         print("task", task, {s: len(data[s][1]) for s in task_module.SPLITS}, flush=True)
 
         def run(method: str, seed: int, hyper: Hyper, stage: str) -> dict[str, Any]:

@@ -39,8 +39,7 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     args, benchmark_args = parser.parse_known_args(argv)
     bench = accuracy.parse_args(["--threads", str(args.threads), *benchmark_args])
     accuracy.torch.set_num_threads(args.threads)
-    sizes = {"train": bench.train_size, "validation": bench.val_size, "test": bench.test_size}
-    data = accuracy.Splits(task_module.load_task(args.task, sizes, bench.data_seed))
+    data = accuracy.Splits(task_module.load_task(args.task, accuracy.split_sizes(bench), bench.data_seed))
     path = args.output_dir / f"diagnostics_{args.task}.json"
     rows = json.loads(path.read_text()) if args.resume and path.exists() else []
     for variant in args.variant:

@@ -105,6 +105,20 @@ def test_diagnostics_train_ship_with_one_setting_changed(tmp_path):
     assert json.loads((tmp_path / "diagnostics_counting.json").read_text())[1]["test_acc"] == rows[1]["test_acc"]
 
 
+def test_calibration_levels_are_the_benchmark_runs_levels(tmp_path):
+    import calibration_levels
+
+    rows = calibration_levels.main(["--tasks", "counting", "--thresholds", "0", "0.75", "1.01", "--quick",
+                                    "--output-dir", str(tmp_path)])
+    bench = accuracy.parse_args(["--tasks", "counting", "--quick"])
+    data = accuracy.Splits(tasks.load_task("counting", accuracy.split_sizes(bench), bench.data_seed))
+    _, extra = accuracy.build_model("ship", data.num_classes, data["train"][0], bench)
+    assert rows[0]["levels"]["0.75"] == extra["prompt_layers"]
+    assert rows[0]["levels"]["0.0"] == [0] and rows[0]["levels"]["1.01"] == list(range(12))
+    assert len(rows[0]["next_layer_affinity"]) == 11
+    assert json.loads((tmp_path / "calibration_levels.json").read_text()) == rows
+
+
 @pytest.mark.parametrize("name", list(accuracy.PROTOCOLS))
 def test_schedule_warms_up_then_decays_to_the_floor(name):
     protocol = accuracy.PROTOCOLS[name]
