@@ -7,10 +7,10 @@
 
 Every variant is SHIP under the ``vtab1k`` protocol of ``benchmarks/accuracy.py`` (same data, schedule, seed and
 learning rate) with the named ``ShipConfig`` fields changed (``recipe``: none changed); other arguments go to
-``benchmarks/accuracy.py`` (``--quick``, ``--epochs``, ...). Each prints and records its
-validation and test accuracy, training curve and trainable parameters in ``<output-dir>/diagnostics_<task>.json``
-(``--resume`` keeps the variants already there). These are diagnostics, not results: the values compared here are
-not selected on validation.
+``benchmarks/accuracy.py`` (``--quick``, ``--epochs``, ...). Each prints and records its validation and test
+accuracy, training curve and trainable parameters in ``<output-dir>/diagnostics_<task>.json`` (``--resume`` skips
+the variants already there at the same rate, decay, seed and arguments). These are diagnostics, not results: the
+values compared here are not selected on validation.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     path = args.output_dir / f"diagnostics_{args.task}.json"
     rows = json.loads(path.read_text()) if args.resume and path.exists() else []
     for variant in args.variant:
-        if any((row["variant"], row["benchmark_args"]) == (variant, benchmark_args) for row in rows):
+        key = (variant, benchmark_args, args.lr, args.weight_decay, args.seed)
+        if any((row["variant"], row["benchmark_args"], row["lr"], row["weight_decay"], row["seed"]) == key
+               for row in rows):
             continue
         bench.ship_overrides = {} if variant == "recipe" else dict(map(accuracy.config_value, variant.split(",")))
         row = accuracy.run_one(args.task, data, "ship", args.seed, accuracy.Hyper(args.lr, args.weight_decay), bench,

@@ -103,6 +103,9 @@ def test_diagnostics_train_ship_with_one_setting_changed(tmp_path):
     assert [row["variant"] for row in rows] == ["recipe", "num_prompts=5"]
     assert rows[1]["trainable_params"] - rows[0]["trainable_params"] == 3 * 192 * len(rows[0]["prompt_layers"])
     assert json.loads((tmp_path / "diagnostics_counting.json").read_text())[1]["test_acc"] == rows[1]["test_acc"]
+    again = ["--task", "counting", "--variant", "recipe", "--output-dir", str(tmp_path), "--quick", "--resume"]
+    assert len(accuracy_diagnostics.main([*again, "--lr", "0.01"])) == 2  # already there: skipped
+    assert [row["lr"] for row in accuracy_diagnostics.main([*again, "--lr", "0.1"])] == [0.01, 0.01, 0.1]
 
 
 def test_calibration_levels_are_the_benchmark_runs_levels(tmp_path):
