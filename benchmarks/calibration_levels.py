@@ -45,8 +45,8 @@ def task_levels(task: str, thresholds: list[float], bench: argparse.Namespace) -
 
 
 def markdown(rows: list[dict[str, Any]], thresholds: list[float]) -> str:
-    lines = ["| task | affinity of layer i with i + 1 | " + " | ".join(f"levels at α = {a}" for a in thresholds) + " |",
-             "|---" * (2 + len(thresholds)) + "|"]
+    columns = ["task", "affinity of layer i with i + 1", *(f"levels at α = {a}" for a in thresholds)]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     for row in rows:
         affinity = " ".join(f"{a:.2f}" for a in row["next_layer_affinity"])
         levels = " | ".join(str(row["levels"][str(a)]) for a in thresholds)
@@ -57,7 +57,8 @@ def markdown(rows: list[dict[str, Any]], thresholds: list[float]) -> str:
 def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.75, 0.9, 0.95, 0.98],
-                        help="the α values (the accuracy benchmark uses its --share-threshold; the paper tunes 0.93 ... 0.98)")
+                        help="the α values (the accuracy benchmark uses its --share-threshold; the paper tunes "
+                             "0.93 ... 0.98)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).resolve().parent / "results" / "issue20")
     args, benchmark_args = parser.parse_known_args(argv)
