@@ -145,8 +145,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", default=None, choices=task_module.TASKS,
                         help="default: every task but position")
     parser.add_argument("--methods", nargs="+", default=None, choices=METHODS, help="default: the protocol's")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="training seeds; the first one also selects the learning rate and weight decay")
+    parser.add_argument("--seeds", type=int, nargs="+",
+                        help="training seeds; the first one also selects the learning rate and weight decay "
+                             "(default: 0 1 2; with --quick: 0)")
     parser.add_argument("--epochs", type=int, help="default: the protocol's")
     parser.add_argument("--batch-size", type=int, help="default: the protocol's")
     parser.add_argument("--train-size", type=int, help="default: the protocol's")
@@ -159,8 +160,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--prototypes", type=int, help="SHIP's M (<= --train-size; default: the protocol's)")
     parser.add_argument("--ship-config", nargs="+", default=[], metavar="NAME=VALUE",
                         help="ShipConfig fields changed for SHIP and its ablations (diagnostics; values read as JSON)")
-    parser.add_argument("--lr-grid", choices=("on", "off"), default="on",
-                        help="off: the first value of each grid (no selection)")
+    parser.add_argument("--lr-grid", choices=("on", "off"),
+                        help="off: the first value of each grid (no selection); default: on (with --quick: off)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=("fp32", "bf16"),
                         help="bf16: forward passes under bf16 autocast (parameters and optimizer stay fp32)")
@@ -171,18 +172,18 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="only write the report of these result files together (runs of several processes)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run in seconds: tiny splits, 1 epoch, one seed, no grid, K=S=A=2, M=8")
+                        help="smoke run in seconds: tiny splits, 1 epoch, one seed, no grid, K=S=A=2, M=8 "
+                             "(flags given explicitly still apply)")
     args = parser.parse_args(argv)
     protocol = PROTOCOLS[args.protocol]
     defaults = dict(epochs=protocol.epochs, batch_size=protocol.batch_size, dtype=protocol.dtype,
                     train_size=protocol.sizes["train"], val_size=protocol.sizes["validation"],
                     test_size=protocol.sizes["test"], ship_prompts=protocol.ship_prompts,
                     prototypes=protocol.prototypes, methods=list(protocol.methods),
-                    tasks=[t for t in task_module.TASKS if t != "position"])
+                    tasks=[t for t in task_module.TASKS if t != "position"], seeds=[0, 1, 2], lr_grid="on")
     if args.quick:
         defaults.update(train_size=24, val_size=12, test_size=12, epochs=1, batch_size=12, ship_prompts=2,
-                        prototypes=8, vpt_prompts=4)
-        args.seeds, args.lr_grid = args.seeds[:1], "off"
+                        prototypes=8, vpt_prompts=4, seeds=[0], lr_grid="off")
         if args.name == "accuracy":
             args.name = "accuracy_quick"
     for name, value in defaults.items():
@@ -629,13 +630,15 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             row = next((r for r in rows if (r["task"], r["method"], r["seed"], r["lr"], r["weight_decay"]) == key),
                        None)
             if row is None:
-                row = dict(run_one(task, data, method, seed, hyper, args, cache), stage=stage, final=stage == "final")
+                row = dict(run_one(task, data, method, seed, hyper, args, cache), stage=stage, final=False)
                 rows.append(row)
                 print(f"[{time.perf_counter() - started:7.1f}s] {task:11s} {method:18s} seed {seed} lr {hyper.lr:g} "
                       f"wd {hyper.weight_decay:g}: val {row['val_acc']:.3f} test {row['test_acc']:.3f} "
                       f"({row['total_seconds']:.1f}s)", flush=True)
-                save()
-            row["final"] = row["final"] or stage == "final"
+            elif row["final"] or stage != "final":
+                return row  # a run from the file, nothing new to record
+            row["final"] = stage == "final"
+            save()  # every new run and every run newly final, so a run stopped anywhere leaves a true file
             return row
 
         first = args.seeds[0]
@@ -644,9 +647,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for method in methods:
             if method not in ABLATIONS:
                 best = select(method, first, run, args)
-                best["final"] = True
                 chosen[method] = Hyper(best["lr"], best["weight_decay"])
-                save()
+                run(method, first, chosen[method], "final")  # the chosen run, from the file: now final
         # 2. the ablations with SHIP's values (the first values of its grid without a SHIP run)
         prompt = recipe_of("ship", args)
         for method in methods:
@@ -657,7 +659,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         for seed in args.seeds[1:]:
             for method in methods:
                 run(method, seed, chosen[method], "final")
-        save()
     result = save()
     print(md_path.read_text())
     print(f"wrote {json_path} and {md_path} in {meta['elapsed_seconds']:.0f}s")

@@ -81,10 +81,30 @@ def test_quick_run_end_to_end(tmp_path):
                        "--output-dir", str(tmp_path), "--resume"])
 
 
+def test_a_stopped_resume_leaves_every_run_it_reached_final_in_the_file(tmp_path, monkeypatch):
+    """A resume marks the runs it reuses final again as it reaches them; a stop during its first new run must leave
+    them final in the file (the report and ``--merge`` read the marks)."""
+    argv = ["--quick", "--tasks", "counting", "--methods", "ship", "ship_no_levels", "--output-dir", str(tmp_path)]
+    accuracy.main([*argv, "--seeds", "0", "1"])  # explicit seeds apply under --quick
+
+    def stop(*args):
+        raise KeyboardInterrupt  # as if the process were stopped during seed 2's first run
+
+    monkeypatch.setattr(accuracy, "run_one", stop)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.main([*argv, "--seeds", "0", "1", "2", "--resume"])
+    saved = json.loads((tmp_path / "accuracy_quick.json").read_text())
+    assert len(saved["runs"]) == 4 and all(row["final"] for row in saved["runs"])
+    assert saved["summary"]["ship_no_levels/counting"]["seeds"] == [0, 1]
+
+
 def test_protocol_defaults_and_overrides():
     args = accuracy.parse_args([])
     assert (args.train_size, args.val_size, args.epochs, args.batch_size) == (800, 200, 15, 64)
     assert args.vpt_prompts == args.ship_prompts + 10 and "position" not in args.tasks
+    assert (args.seeds, args.lr_grid) == ([0, 1, 2], "on")
+    assert (accuracy.parse_args(["--quick"]).seeds, accuracy.parse_args(["--quick", "--lr-grid", "on"]).lr_grid) \
+        == ([0], "on")
     args = accuracy.parse_args(["--protocol", "small", "--epochs", "2"])
     assert (args.train_size, args.epochs, args.dtype) == (160, 2, "bf16")
     assert accuracy.ship_config("ship", accuracy.parse_args([]), 12).drop_path_rate == 0.1  # SHIP's recipe
