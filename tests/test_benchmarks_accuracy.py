@@ -126,6 +126,17 @@ def test_diagnostics_train_ship_with_one_setting_changed(tmp_path):
     again = ["--task", "counting", "--variant", "recipe", "--output-dir", str(tmp_path), "--quick", "--resume"]
     assert len(accuracy_diagnostics.main([*again, "--lr", "0.01"])) == 2  # already there: skipped
     assert [row["lr"] for row in accuracy_diagnostics.main([*again, "--lr", "0.1"])] == [0.01, 0.01, 0.1]
+    rows = accuracy_diagnostics.main([*again, "--lr", "0.1", "--method", "vpt_deep"])  # not SHIP's row at 0.1
+    assert [row["method"] for row in rows] == ["ship", "ship", "ship", "vpt_deep"]
+    assert rows[3]["trainable_params"] != rows[2]["trainable_params"]
+
+
+def test_diagnostics_refuse_a_shipconfig_change_for_a_method_that_has_no_shipconfig(capsys):
+    import accuracy_diagnostics
+
+    with pytest.raises(SystemExit):
+        accuracy_diagnostics.main(["--task", "counting", "--lr", "0.01", "--method", "lora", "--variant", "K=5"])
+    assert "train --method lora with --variant recipe" in capsys.readouterr().err
 
 
 def test_calibration_levels_are_the_benchmark_runs_levels(tmp_path):
