@@ -131,11 +131,12 @@ def test_diagnostics_train_ship_with_one_setting_changed(tmp_path):
     assert rows[3]["trainable_params"] != rows[2]["trainable_params"]
 
 
-def test_diagnostics_refuse_a_shipconfig_change_for_a_method_that_has_no_shipconfig(capsys):
+def test_diagnostics_refuse_a_shipconfig_change_for_a_method_that_has_no_shipconfig(tmp_path, capsys):
     import accuracy_diagnostics
 
     with pytest.raises(SystemExit):
-        accuracy_diagnostics.main(["--task", "counting", "--lr", "0.01", "--method", "lora", "--variant", "K=5"])
+        accuracy_diagnostics.main(["--task", "counting", "--lr", "0.01", "--method", "lora", "--variant", "K=5",
+                                   "--output-dir", str(tmp_path), "--quick"])
     assert "train --method lora with --variant recipe" in capsys.readouterr().err
 
 
