@@ -60,7 +60,8 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         path.write_text(json.dumps(rows, indent=1))
         curve = [round(100 * p["val_acc"]) for p in row["curve"] if "val_acc" in p]
         print(f"{args.task} {args.method} {variant} {' '.join(benchmark_args)} seed {args.seed}: "
-              f"val {row['val_acc']:.3f} test {row['test_acc']:.3f} final loss {row['final_train_loss']:.3f} curve {curve}", flush=True)
+              f"val {row['val_acc']:.3f} test {row['test_acc']:.3f} final loss {row['final_train_loss']:.3f} "
+              f"curve {curve}", flush=True)
     return rows
 
 
